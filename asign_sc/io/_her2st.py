@@ -1,0 +1,196 @@
+"""Reader for the her2st release layout (Andersson et al., Nat. Commun. 2021)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from asign_sc._errors import InvalidStackError
+from asign_sc._keys import Key
+from asign_sc.io._build import SectionInput, build_spatialdata
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+__all__ = ["read_her2st"]
+
+logger = logging.getLogger(__name__)
+
+#: Legacy ST arrays: spot diameter 100 um, centre-to-centre distance 200 um.
+_SPOT_DIAMETER_OVER_PITCH = 100.0 / 200.0
+_SPOT_PITCH_UM = 200.0
+
+
+def read_her2st(
+    path: str | Path,
+    patient: str,
+    *,
+    sections: Sequence[str] | None = None,
+    images: bool = True,
+    coordinates: str = "pixel",
+) -> SpatialData:
+    """Read one patient's sections of the her2st data release as a SpatialData stack.
+
+    Parameters
+    ----------
+    path
+        Folder with ``counts/<section>.tsv.gz``, ``spots/<section>_selection.tsv`` and
+        optionally ``images/<section>.jpg`` and ``aligned/<section>.tsv``.
+    patient
+        Patient letter, e.g. ``"C"``.
+    sections
+        Sections to read, in stacking order, e.g. ``["C2", "C3"]``. Default: every section of
+        the patient that has counts; when ``images=True`` those without an image are left out
+        with a logged warning. Naming a section explicitly that has no image is allowed and
+        reads it without an image.
+    images
+        Read the H&E images (as multiscale images, decoded once). ``False`` reads counts and
+        spots only.
+    coordinates
+        ``"pixel"``: spot centres in each section's own image pixels. ``"aligned"``: the
+        authors' rigid alignment onto the patient's first section (``aligned/`` files; patients
+        A, B, D), stored as ``obsm['spatial_aligned']`` in addition.
+
+    Returns
+    -------
+    SpatialData with per section ``{s}_image`` and ``{s}_spots`` in coordinate system ``s``,
+    and one table: raw counts in ``X`` (genes: union over sections, absent genes are zero
+    counts), ``obs['section']`` ordered, ``obs['sample']`` the patient, ``obsm['spatial']``.
+    """
+    root = Path(path)
+    if not (root / "counts").is_dir():
+        raise FileNotFoundError(
+            f"{root} does not look like a her2st release: no 'counts/' folder. Pass the folder "
+            "that holds counts/, spots/ and images/."
+        )
+    if coordinates not in {"pixel", "aligned"}:
+        raise ValueError(f"coordinates must be 'pixel' or 'aligned', got {coordinates!r}.")
+    available = sorted(
+        p.name.removesuffix(".tsv.gz") for p in (root / "counts").glob(f"{patient}*.tsv.gz")
+    )
+    if not available:
+        raise FileNotFoundError(f"No counts for patient {patient!r} under {root / 'counts'}.")
+    explicit = sections is not None
+    names = list(sections) if explicit else available
+    unknown = [s for s in names if s not in available]
+    if unknown:
+        raise InvalidStackError(
+            f"Sections {unknown} have no counts file; patient {patient!r} has {available}."
+        )
+    if images and not explicit:
+        without = [s for s in names if not (root / "images" / f"{s}.jpg").exists()]
+        if without:
+            logger.warning(
+                "Sections %s have no image and are left out; pass sections=[...] naming them "
+                "to read them without an image, or images=False.",
+                without,
+            )
+        names = [s for s in names if s not in without]
+        if not names:
+            raise FileNotFoundError(f"No section of patient {patient!r} has an image.")
+
+    inputs = []
+    for name in names:
+        image_path = root / "images" / f"{name}.jpg"
+        inputs.append(
+            _read_section(
+                root,
+                name,
+                image_path if images and image_path.exists() else None,
+                aligned=coordinates == "aligned",
+            )
+        )
+    return build_spatialdata(inputs, sample=patient)
+
+
+def _read_section(root: Path, name: str, image_path: Path | None, *, aligned: bool) -> SectionInput:
+    counts = pd.read_csv(root / "counts" / f"{name}.tsv.gz", sep="\t", index_col=0)
+    counts.index = counts.index.astype(str)
+    spots = pd.read_csv(root / "spots" / f"{name}_selection.tsv", sep="\t")
+    spots.index = spots["x"].astype(int).astype(str) + "x" + spots["y"].astype(int).astype(str)
+    if spots.index.has_duplicates:
+        raise InvalidStackError(f"spots/{name}_selection.tsv lists an array position twice.")
+    missing = counts.index.difference(spots.index)
+    if len(missing):
+        logger.warning("%s: %d counted spots have no position and are dropped", name, len(missing))
+    keep = counts.index.intersection(spots.index, sort=False)
+    counts, spots = counts.loc[keep], spots.loc[keep]
+
+    xy = spots[["pixel_x", "pixel_y"]].to_numpy(dtype=float)
+    array_xy = spots[["new_x", "new_y"]].to_numpy(dtype=float)
+    pitch = _pixels_per_array_step(array_xy, xy)
+    radius = 0.5 * _SPOT_DIAMETER_OVER_PITCH * pitch
+    obs = pd.DataFrame(
+        {Key.obs.array_col: spots["x"].to_numpy(int), Key.obs.array_row: spots["y"].to_numpy(int)},
+        index=[f"{name}_{i}" for i in keep],
+    )
+    obsm = {}
+    if aligned:
+        table = root / "aligned" / f"{name}.tsv"
+        if not table.exists():
+            raise FileNotFoundError(f"coordinates='aligned' needs {table}, which is missing.")
+        warped = pd.read_csv(table, sep="\t")
+        warped.index = (
+            warped["x"].astype(int).astype(str) + "x" + warped["y"].astype(int).astype(str)
+        )
+        lacking = keep.difference(warped.index)
+        if len(lacking):
+            # The authors aligned only the spots they kept; the rest have no aligned position.
+            logger.warning(
+                "%s: %d spots have no aligned position in aligned/%s.tsv and are dropped",
+                name,
+                len(lacking),
+                name,
+            )
+            keep = keep.intersection(warped.index, sort=False)
+            counts, spots, obs = (
+                counts.loc[keep],
+                spots.loc[keep],
+                obs.loc[[f"{name}_{i}" for i in keep]],
+            )
+            xy = spots[["pixel_x", "pixel_y"]].to_numpy(dtype=float)
+        obsm[Key.obsm.spatial_aligned] = warped.loc[keep, ["warped_x", "warped_y"]].to_numpy(float)
+    image = _read_jpeg(image_path) if image_path is not None else None
+    return SectionInput(
+        name=name,
+        counts=sp.csr_matrix(counts.to_numpy(dtype=np.float32)),
+        genes=counts.columns.astype(str),
+        obs=obs,
+        spatial=xy,
+        spot_radius=radius,
+        image=image,
+        microns_per_pixel=_SPOT_PITCH_UM / pitch,
+        obsm=obsm,
+    )
+
+
+def _pixels_per_array_step(array_xy: np.ndarray, pixel_xy: np.ndarray) -> float:
+    """Spot pitch in pixels: least-squares affine fit of pixel on array coordinates.
+
+    The array's two axes may be scaled slightly differently by the scanner; the geometric
+    mean of the two column norms of the fitted linear map is the pitch.
+    """
+    design = np.c_[array_xy, np.ones(len(array_xy))]
+    coef, *_ = np.linalg.lstsq(design, pixel_xy, rcond=None)
+    linear = coef[:2]
+    return float(np.sqrt(np.linalg.norm(linear[0]) * np.linalg.norm(linear[1])))
+
+
+def _read_jpeg(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    # her2st slides are ~9,300 x 9,900 px, beyond PIL's decompression-bomb guard, which is a
+    # module global: lift it for this trusted file only and put it back.
+    guard = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(path) as handle:
+            return np.asarray(handle.convert("RGB"))
+    finally:
+        Image.MAX_IMAGE_PIXELS = guard

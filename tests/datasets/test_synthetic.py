@@ -1,0 +1,115 @@
+"""synthetic_stack: determinism, geometry, ground truth and a plausible H&E look."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from asign_sc._stack import resolve_stack
+from asign_sc.datasets import synthetic_stack
+
+
+def test_same_seed_same_stack_other_seed_other_stack():
+    kwargs = {"n_sections": 2, "n_spots_per_section": 40, "image_size": 160, "n_genes": 8}
+    a, ta = synthetic_stack(seed=5, **kwargs)
+    b, tb = synthetic_stack(seed=5, **kwargs)
+    c, _ = synthetic_stack(seed=6, **kwargs)
+    assert (a.tables["table"].X != b.tables["table"].X).nnz == 0
+    np.testing.assert_array_equal(resolve_stack(a).image("S1")[0], resolve_stack(b).image("S1")[0])
+    np.testing.assert_array_equal(ta.transforms["S2"], tb.transforms["S2"])
+    assert (
+        a.tables["table"].n_obs != c.tables["table"].n_obs
+        or (a.tables["table"].X != c.tables["table"].X).nnz > 0
+    )
+
+
+def test_transforms_map_spots_into_one_tissue_frame(synthetic_small):
+    sdata, truth = synthetic_small
+    stack = resolve_stack(sdata, require_images=True, min_sections=3)
+    for section in stack:
+        matrix = truth.transforms[section.name]
+        mapped = section.spatial @ matrix[:2, :2].T + matrix[:2, 2]
+        np.testing.assert_allclose(mapped, truth.tissue_xy[section.rows], atol=1e-9)
+        # rigid: rotation (+ mirror), no scaling
+        np.testing.assert_allclose(np.abs(np.linalg.det(matrix[:2, :2])), 1.0)
+
+
+def test_transforms_recoverable_from_spots_and_images(synthetic_small):
+    """Recoverable in principle: a section and its neighbour overlap once mapped by the truth."""
+    from scipy.spatial import cKDTree
+
+    sdata, truth = synthetic_small
+    stack = resolve_stack(sdata)
+    a, b = stack["S1"], stack["S2"]
+    def to_frame(s):
+        return (
+            s.spatial @ truth.transforms[s.name][:2, :2].T + truth.transforms[s.name][:2, 2]
+        )
+    dist, _ = cKDTree(to_frame(a)).query(to_frame(b))
+    pitch = 4 * a.spot_radius
+    assert np.median(dist) < pitch  # the spot clouds coincide in the tissue frame
+    # while on the slides they do not (random pose)
+    dist_raw, _ = cKDTree(a.spatial).query(b.spatial)
+    assert np.median(dist_raw) > 0 or not np.allclose(
+        truth.transforms["S1"], truth.transforms["S2"]
+    )
+
+
+def test_tissue_types_look_and_express_differently(synthetic_small):
+    sdata, truth = synthetic_small
+    stack = resolve_stack(sdata)
+    table = sdata.tables["table"]
+    colours = {}
+    for section in stack:
+        image, _ = stack.image(section.name)
+        xy = np.round(section.spatial).astype(int)
+        for t, (x, y) in zip(truth.tissue_type.iloc[section.rows], xy, strict=True):
+            colours.setdefault(t, []).append(
+                image[y - 2 : y + 3, x - 2 : x + 3].reshape(-1, 3).mean(0)
+            )
+    means = {t: np.mean(v, axis=0) for t, v in colours.items() if len(v) > 5}
+    assert len(means) >= 3
+    spread = max(np.abs(means[a] - means[b]).max() for a in means for b in means)
+    assert spread > 15  # grey levels: types are visibly different
+    # marker genes are higher in their own type
+    for t in means:
+        markers = table.var_names[table.var["program"] == t]
+        if len(markers) == 0:
+            continue
+        expr = truth.expression[markers]
+        inside = (truth.tissue_type == t).to_numpy()
+        assert expr[inside].mean().mean() > 2 * expr[~inside].mean().mean()
+
+
+def test_background_is_bright_and_tissue_darker(synthetic_small):
+    sdata, _ = synthetic_small
+    image, _ = resolve_stack(sdata).image("S1")
+    corners = np.concatenate([image[:8, :8].reshape(-1, 3), image[-8:, -8:].reshape(-1, 3)])
+    assert corners.mean() > 225
+    assert image.reshape(-1, 3).mean(0).min() < corners.mean(0).min() - 10
+
+
+def test_counts_are_overdispersed_integers(synthetic_small):
+    sdata, truth = synthetic_small
+    counts = sdata.tables["table"].X.toarray()
+    assert np.allclose(counts, np.round(counts)) and counts.min() >= 0
+    mean = truth.expression.to_numpy()
+    high = mean > 5
+    assert (counts[high] - mean[high]).var() > mean[high].mean()  # NB, not Poisson
+
+
+def test_flip_marks_mirrored_sections():
+    _, truth = synthetic_stack(
+        n_sections=4, n_spots_per_section=20, image_size=128, n_genes=5, flip=True
+    )
+    assert truth.flipped == {"S1": False, "S2": True, "S3": False, "S4": True}
+    for name, mirrored in truth.flipped.items():
+        assert (np.linalg.det(truth.transforms[name][:2, :2]) < 0) == mirrored
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"n_sections": 0}, {"n_tissue_types": 9}, {"image_size": 10}, {"flip": "x"}]
+)
+def test_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        synthetic_stack(**kwargs)
