@@ -31,8 +31,7 @@ class Key:
 
         @staticmethod
         def window_padding(key_added: str, level: str) -> str:
-            """Fraction of a spot's feature window (``"spot"``, ``"region"``, ``"global"``)
-            that lies outside the image and was padded."""
+            """Fraction of a spot's feature window (spot, region, global) padded past the image."""
             return f"{key_added}_{level}_padding"
 
     class obsm:
@@ -60,6 +59,9 @@ class Key:
 
     class obsp:
         """Entries of ``table.obsp`` (squidpy's neighbour-graph convention)."""
+
+        graph3d: Final = "spatial3d"
+        """Default ``key_added`` of the 3D spot graph (:func:`asign_sc.gr.build_3d_graph`)."""
 
         @staticmethod
         def connectivities(key_added: str) -> str:
