@@ -1,0 +1,5 @@
+"""Plotting."""
+
+from asign_sc.pl._registration import registration
+
+__all__ = ["registration"]

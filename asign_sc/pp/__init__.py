@@ -1,0 +1,5 @@
+"""Preprocessing: tissue masks, image channels, gene selection and normalisation."""
+
+from asign_sc.pp._tissue import tissue_channel, tissue_mask
+
+__all__ = ["tissue_channel", "tissue_mask"]

@@ -1,0 +1,702 @@
+"""``tl.register_sections``: align a stack of H&E sections into one coordinate system.
+
+As in the paper (§III-B, appendix D): neighbouring sections are registered pairwise and the
+pair transforms are chained to a reference section (the middle one by default), which is
+left untransformed. Each pair is initialised from keypoint matches (or tissue-mask moments)
+and refined with ANTs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+
+from asign_sc._errors import InvalidStackError
+from asign_sc._keys import Key
+from asign_sc._stack import SectionStack, resolve_stack
+from asign_sc._utils import copy_data, sanitize_uns
+from asign_sc.pp._tissue import tissue_channel, tissue_mask
+from asign_sc.tl._registration_init import (
+    InitResult,
+    PreparedSection,
+    dice,
+    keypoint_init,
+    mask_dice,
+    moment_init,
+    warp_to,
+)
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+__all__ = ["register_sections", "registration_key"]
+
+logger = logging.getLogger(__name__)
+
+_TRANSFORMS = ("rigid", "affine", "syn")
+_INITS = ("keypoints", "moments")
+#: A keypoint initialisation is kept unless its tissue-mask Dice is this much below the
+#: moment initialisation's (a wrong model can still gather a few chance inliers).
+_KEYPOINT_DICE_SLACK = 0.1
+#: ANTs' result is rejected (and the initialisation kept, with a warning) when it lowers the
+#: tissue-mask Dice by more than this.
+_ANTS_DICE_DROP = 0.05
+#: Smoothing (fraction of the long image side) of the stain channels compared in the QC.
+_QC_SIGMA = 0.005
+
+PointMap = Callable[[np.ndarray], np.ndarray]
+
+
+def registration_key(key_added: str = Key.sdata.aligned) -> tuple[str, str]:
+    """The ``obsm`` and ``uns`` keys :func:`register_sections` writes for a ``key_added``.
+
+    ``"aligned"`` (the default) gives ``obsm['spatial_aligned']`` and
+    ``uns['asign_registration']``; any other name ``k`` gives ``obsm['spatial_k']`` and
+    ``uns['asign_registration_k']``.
+    """
+    obsm_key = f"{Key.obsm.spatial}_{key_added}"
+    uns_key = (
+        Key.uns.registration
+        if key_added == Key.sdata.aligned
+        else f"{Key.uns.registration}_{key_added}"
+    )
+    return obsm_key, uns_key
+
+
+def register_sections(
+    data: AnnData | SpatialData,
+    *,
+    library_key: str = Key.obs.library,
+    sections: Sequence[str] | None = None,
+    sample_key: str | None = None,
+    reference: str | None = None,
+    transform: Literal["rigid", "affine", "syn"] = "rigid",
+    init: Literal["keypoints", "moments"] = "keypoints",
+    max_side: int = 1000,
+    channel: Literal["grey", "hematoxylin", "od"] = "grey",
+    allow_flip: bool = True,
+    min_inliers: int = 10,
+    keypoint_max_side: int = 400,
+    matrices: Mapping[str, np.ndarray] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    key_added: str = Key.sdata.aligned,
+    copy: bool = False,
+) -> AnnData | SpatialData | None:
+    """Register the sections of a stack onto a reference section from their H&E images.
+
+    Neighbouring sections are registered pairwise, each towards the reference (the middle
+    section by default), and the pair transforms are composed along the stack, as in the
+    paper. For each pair, on a downsampled copy of the images:
+
+    1. tissue masks (:func:`asign_sc.pp.tissue_mask`) keep slide background and debris out
+       of the fit, and the stain ``channel`` (:func:`asign_sc.pp.tissue_channel`) is zeroed
+       outside them;
+    2. initialisation (``init="keypoints"``): SIFT keypoints (kornia) are matched and a
+       rigid map is fitted by RANSAC, also from the mirror image so a flipped section is
+       found; if fewer than ``min_inliers`` matches agree, or the keypoint map overlaps
+       the tissue clearly worse than the moment map, the moment initialisation is used:
+       centroids and principal axes of the tissue masks, all axis sign combinations
+       (rotations and mirror images) and a sweep of rotations, the best by tissue-mask
+       Dice. The QC table says which path was taken and why;
+    3. refinement with ANTs (``ants.registration``, Mattes mutual information):
+       ``"rigid"``, ``"affine"``, or ``"syn"`` (an affine stage, then SyN). A flip found at
+       initialisation is kept (ANTs refines on top of it).
+
+    Parameters
+    ----------
+    data
+        SpatialData with one image per section (or a legacy AnnData with images under
+        ``uns['spatial'][section]['images']``).
+    library_key
+        ``obs`` column naming each spot's section.
+    sections
+        Sections to register, in stacking order. Default: all, in stacking order.
+    sample_key
+        ``obs`` column naming the sample when the object holds several stacks; each sample
+        is registered onto its own reference section.
+    reference
+        Section that stays fixed (its frame becomes the aligned frame). Default: the middle
+        section (of each sample). With ``sample_key``, name one reference per sample or
+        leave it ``None``.
+    transform
+        ``"rigid"`` (rotation + translation, default), ``"affine"``, or ``"syn"``
+        (affine + diffeomorphic warp). With ``"syn"``, the affine part is what the
+        spatialdata transformation holds, and spot centres in ``obsm`` also follow the warp.
+    init
+        ``"keypoints"`` (SIFT + RANSAC, falling back to moments) or ``"moments"`` only.
+    max_side
+        Long side in pixels of the image level the registration works on: the coarsest
+        stored level at least this long is read (and downsampled if it is more than twice
+        as long).
+    channel
+        Stain channel given to ANTs and to the keypoint detector: ``"grey"``,
+        ``"hematoxylin"`` or ``"od"`` (optical density).
+    allow_flip
+        Consider mirror-image orientations (sections put on the slide face down). A flip
+        found is logged and reported in the QC table's ``flipped`` column.
+    min_inliers
+        Fewest RANSAC inliers for a keypoint initialisation to be used.
+    keypoint_max_side
+        Long side of the (further downsampled) images keypoints are detected on: the shape
+        of tissue structures, not single cells, matches between adjacent sections.
+    matrices
+        Pre-computed alignment instead of registration: a 3x3 matrix (or 2x3) per section,
+        mapping its full-resolution ``(x, y)`` pixels to the aligned frame. Every section
+        needs one; images are then optional (QC is computed where all sections have one).
+        To provide spot coordinates directly instead, write them (``(x, y)`` in one common
+        frame) to ``obsm['spatial_aligned']`` and skip this function: downstream steps
+        only read that key.
+    seed
+        Seed of RANSAC and of ANTs' metric sampling.
+    progress
+        Show a progress bar over the section pairs.
+    key_added
+        Name of the coordinate system written to the SpatialData's images and spots. The
+        ``obsm``/``uns`` keys follow from it (:func:`registration_key`).
+    copy
+        Return a registered copy instead of writing into ``data``.
+
+    Returns
+    -------
+    ``None``, or the registered copy when ``copy=True``. Written:
+
+    - per section, a spatialdata ``Sequence([to_section_frame, Affine])`` transformation
+      to coordinate system ``key_added`` on its image and shapes elements (SpatialData);
+    - ``table.obsm['spatial_aligned']``: spot centres ``(x, y)`` in the reference
+      section's full-resolution pixels (including the SyN displacement for ``"syn"``);
+    - ``table.uns['asign_registration']``: ``matrices`` (section -> 3x3, section frame
+      to aligned frame), ``pair_matrices`` (section -> 3x3 onto its neighbour),
+      ``reference``, ``order``, ``params``, and ``qc``, a DataFrame with one row per
+      section:
+
+      - ``target``: the neighbour it was registered onto;
+      - ``path``: ``"keypoints"``, ``"moments"``, ``"reference"`` or ``"user"``, with
+        ``" + ants"`` when refined, or ``" (ants rejected)"`` when ANTs lowered the
+        tissue Dice by more than 0.05 and the initialisation was kept (with a warning);
+        ``note`` says why keypoints were not used;
+      - ``flipped``, ``rotation_deg``: orientation of the section in the aligned frame;
+      - ``n_matches``, ``n_inliers``: keypoint matches and RANSAC inliers;
+      - similarity with the target before (sections overlaid as they lie on their
+        slides), after initialisation (``dice_init``) and after refinement: tissue-mask
+        Dice ``dice_*``; NCC ``ncc_*`` and normalised mutual information ``nmi_*``
+        (1-2) of the stain channels over the tissue both share, smoothed by 0.5 % of
+        the image side (adjacent sections share structures, not cells); for ``"syn"``
+        these use the affine part;
+      - ``dice_reference_before``, ``dice_reference_after``: with the reference
+        section, through the composed transform;
+      - ``seconds``: time spent on the pair.
+
+    Raises
+    ------
+    InvalidStackError
+        Fewer than two sections, a section without an image (unless ``matrices`` are
+        given), an unknown ``reference``, or an image without tissue (empty tissue mask).
+    ValueError
+        Unknown ``transform``/``init``/``channel``, or ``matrices`` that are not
+        invertible 3x3 / 2x3 matrices for every section.
+
+    Notes
+    -----
+    ANTs uses as many threads as ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` allows (all
+    cores by default); set that environment variable to share a machine.
+    """
+    if transform not in _TRANSFORMS:
+        raise ValueError(f"transform must be one of {_TRANSFORMS}, got {transform!r}.")
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {_INITS}, got {init!r}.")
+    if channel not in ("grey", "hematoxylin", "od"):
+        raise ValueError(f"channel must be 'grey', 'hematoxylin' or 'od', got {channel!r}.")
+    if max_side < 64 or keypoint_max_side < 64:
+        raise ValueError(
+            f"max_side ({max_side}) and keypoint_max_side ({keypoint_max_side}) must be at "
+            "least 64 pixels."
+        )
+    stack = resolve_stack(
+        data,
+        library_key=library_key,
+        sections=sections,
+        sample_key=sample_key,
+        require_images=matrices is None,
+        min_sections=2,
+    )
+    if copy:
+        data = copy_data(data)
+        stack = resolve_stack(
+            data, library_key=library_key, sections=sections, sample_key=sample_key, min_sections=2
+        )
+    groups = {sample: [s.name for s in group] for sample, group in stack.samples().items()}
+    for sample, names in groups.items():
+        if len(names) < 2:
+            raise InvalidStackError(
+                f"Sample {sample!r} has only one section ({names[0]!r}): registration needs "
+                "at least two sections per sample. Leave it out with sections=."
+            )
+    references = _references(stack, groups, reference)
+
+    if matrices is not None:
+        user = _check_matrices(stack, matrices)
+        with_images = all(s.has_image for s in stack)
+        prepared = (
+            {s.name: _prepare(stack, s.name, max_side, channel) for s in stack}
+            if with_images
+            else {}
+        )
+        pair_matrices = dict(user)
+        point_maps: dict[str, PointMap] = {}
+        records = {name: {"target": "", "path": "user"} for name in user}
+        composed = user
+    else:
+        prepared = {s.name: _prepare(stack, s.name, max_side, channel) for s in stack}
+        pair_matrices, point_maps, records = {}, {}, {}
+        options = {
+            "transform": transform,
+            "init": init,
+            "allow_flip": allow_flip,
+            "min_inliers": min_inliers,
+            "keypoint_max_side": keypoint_max_side,
+            "seed": seed,
+        }
+        pairs = [
+            (moving, target)
+            for sample, names in groups.items()
+            for moving, target in _pairs(names, references[sample])
+        ]
+        from tqdm.auto import tqdm
+
+        for moving, target in tqdm(pairs, desc="registering", disable=not progress):
+            matrix, point_map, record = _register_pair(
+                prepared[moving], prepared[target], **options
+            )
+            pair_matrices[moving], records[moving] = matrix, record
+            if point_map is not None:
+                point_maps[moving] = point_map
+        for reference_name in references.values():
+            pair_matrices[reference_name] = np.eye(3)
+            records[reference_name] = {"target": "", "path": "reference"}
+        composed = _compose(groups, references, pair_matrices)
+
+    aligned = _aligned_spots(stack, groups, references, pair_matrices, point_maps, composed)
+    if prepared:
+        _reference_qc(prepared, groups, references, composed, records)
+    _write(
+        stack,
+        composed=composed,
+        pair_matrices=pair_matrices,
+        aligned=aligned,
+        records=records,
+        references=references,
+        groups=groups,
+        params={
+            "library_key": library_key,
+            "sample_key": sample_key,
+            "transform": transform if matrices is None else "user",
+            "init": init,
+            "max_side": max_side,
+            "channel": channel,
+            "allow_flip": allow_flip,
+            "min_inliers": min_inliers,
+            "keypoint_max_side": keypoint_max_side,
+            "seed": seed,
+            "key_added": key_added,
+        },
+        key_added=key_added,
+    )
+    return data if copy else None
+
+
+# -- set-up ----------------------------------------------------------------------------------
+def _references(
+    stack: SectionStack, groups: dict[str | None, list[str]], reference: str | None
+) -> dict[str | None, str]:
+    if reference is None:
+        return {sample: names[len(names) // 2] for sample, names in groups.items()}
+    section = stack[reference]  # raises for an unknown name
+    if len(groups) > 1:
+        raise InvalidStackError(
+            f"reference={reference!r} names one section, but the stack holds "
+            f"{len(groups)} samples ({list(groups)}). Leave reference=None (middle section "
+            "of each sample) or register one sample at a time with sections=."
+        )
+    return {section.sample: reference}
+
+
+def _pairs(names: list[str], reference: str) -> list[tuple[str, str]]:
+    """(moving, target) pairs, each section towards the reference, nearest first."""
+    r = names.index(reference)
+    below = [(names[i], names[i + 1]) for i in range(r - 1, -1, -1)]
+    above = [(names[i], names[i - 1]) for i in range(r + 1, len(names))]
+    return below + above
+
+
+def _prepare(stack: SectionStack, name: str, max_side: int, channel: str) -> PreparedSection:
+    image, scale = stack.image(name, max_side=max_side)
+    long_side = max(image.shape[:2])
+    if long_side > 2 * max_side:
+        from skimage.transform import resize
+
+        factor = max_side / long_side
+        shape = (max(1, round(image.shape[0] * factor)), max(1, round(image.shape[1] * factor)))
+        scale = scale * np.array([shape[1] / image.shape[1], shape[0] / image.shape[0]])
+        image = (resize(image, shape, anti_aliasing=True, preserve_range=True)).astype(np.uint8)
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    mask = tissue_mask(image)
+    if mask.sum() < 0.001 * mask.size:
+        raise InvalidStackError(
+            f"No tissue found in the image of section {name!r} (the tissue mask covers "
+            f"{100 * mask.mean():.2f}% of it). Check that the image is an H&E of the section "
+            "(not blank or inverted), or pass matrices= to align it yourself."
+        )
+    stain = tissue_channel(image, channel=channel) * mask
+    return PreparedSection(name=name, channel=stain, mask=mask, scale=np.asarray(scale, float))
+
+
+def _check_matrices(
+    stack: SectionStack, matrices: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    unknown = sorted(set(matrices) - set(stack.names))
+    if unknown:
+        raise ValueError(
+            f"matrices= names sections that are not in the stack: {unknown} "
+            f"(sections: {stack.names})."
+        )
+    missing = [name for name in stack.names if name not in matrices]
+    if missing:
+        raise ValueError(
+            f"matrices= lacks sections {missing}; give a matrix for every section "
+            "(np.eye(3) for the reference)."
+        )
+    out = {}
+    for name in stack.names:
+        matrix = np.asarray(matrices[name], dtype=float)
+        if matrix.shape == (2, 3):
+            matrix = np.vstack([matrix, [0.0, 0.0, 1.0]])
+        if matrix.shape != (3, 3) or not np.allclose(matrix[2], [0.0, 0.0, 1.0]):
+            raise ValueError(
+                f"matrices[{name!r}] must be a 3x3 affine matrix (last row 0, 0, 1) or 2x3, "
+                f"got shape {matrix.shape}."
+            )
+        if not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix[:2, :2])) < 1e-12:
+            raise ValueError(f"matrices[{name!r}] is not invertible: {matrix.tolist()}.")
+        out[name] = matrix
+    return out
+
+
+# -- one pair ------------------------------------------------------------------------------
+def _keypoint_level(section: PreparedSection, max_side: int) -> PreparedSection:
+    """The section further downsampled for keypoint detection (cached on the section)."""
+    cached = section._keypoints.get("level")
+    if cached is not None and cached[0] == max_side:
+        return cached[1]
+    from skimage.transform import resize
+
+    factor = min(1.0, max_side / max(section.channel.shape))
+    shape = tuple(max(1, round(n * factor)) for n in section.channel.shape)
+    channel = resize(section.channel, shape, order=1, anti_aliasing=factor < 1.0)
+    mask = resize(section.mask.astype(np.float32), shape, order=1, anti_aliasing=factor < 1.0) > 0.5
+    scale = section.scale * np.array(
+        [shape[1] / section.channel.shape[1], shape[0] / section.channel.shape[0]]
+    )
+    small = PreparedSection(section.name, channel.astype(np.float32), mask, scale)
+    section._keypoints["level"] = (max_side, small)
+    return small
+
+
+def _initialise(
+    moving: PreparedSection,
+    fixed: PreparedSection,
+    *,
+    init: str,
+    allow_flip: bool,
+    min_inliers: int,
+    keypoint_max_side: int,
+    seed: int,
+) -> tuple[InitResult, InitResult | None]:
+    moments = moment_init(moving, fixed, allow_flip=allow_flip)
+    if init == "moments":
+        return moments, None
+    keypoints = keypoint_init(
+        _keypoint_level(moving, keypoint_max_side),
+        _keypoint_level(fixed, keypoint_max_side),
+        allow_flip=allow_flip,
+        seed=seed,
+    )
+    if keypoints is None:
+        moments.note = "no keypoint matches"
+        return moments, None
+    keypoints.dice = mask_dice(moving, fixed, keypoints.matrix)
+    if keypoints.n_inliers < min_inliers:
+        moments.note = f"{keypoints.n_inliers} keypoint inliers < min_inliers={min_inliers}"
+        return moments, keypoints
+    if keypoints.dice < moments.dice - _KEYPOINT_DICE_SLACK:
+        moments.note = (
+            f"keypoint map rejected: tissue Dice {keypoints.dice:.3f} vs {moments.dice:.3f} "
+            "from moments"
+        )
+        return moments, keypoints
+    return keypoints, keypoints
+
+
+def _register_pair(
+    moving: PreparedSection,
+    fixed: PreparedSection,
+    *,
+    transform: str,
+    init: str,
+    allow_flip: bool,
+    min_inliers: int,
+    keypoint_max_side: int,
+    seed: int,
+) -> tuple[np.ndarray, PointMap | None, dict]:
+    from asign_sc.tl._registration_ants import ants_refine
+
+    start = time.perf_counter()
+    chosen, keypoints = _initialise(
+        moving,
+        fixed,
+        init=init,
+        allow_flip=allow_flip,
+        min_inliers=min_inliers,
+        keypoint_max_side=keypoint_max_side,
+        seed=seed,
+    )
+    refined = ants_refine(moving, fixed, chosen.matrix, transform=transform, seed=seed)
+    matrix, point_map = refined.matrix, refined.map_points
+    dice_after = mask_dice(moving, fixed, matrix)
+    path = f"{chosen.path} + ants"
+    if dice_after < chosen.dice - _ANTS_DICE_DROP:
+        logger.warning(
+            "ANTs lowered the tissue-mask Dice of %s onto %s from %.3f to %.3f; keeping the %s "
+            "initialisation (see uns QC 'path').",
+            moving.name,
+            fixed.name,
+            chosen.dice,
+            dice_after,
+            chosen.path,
+        )
+        matrix, point_map, dice_after = chosen.matrix, None, chosen.dice
+        path = f"{chosen.path} (ants rejected)"
+    flipped = bool(np.linalg.det(matrix[:2, :2]) < 0)
+    if flipped:
+        logger.info(
+            "Section %s is mirrored relative to %s (flip detected).", moving.name, fixed.name
+        )
+    before = _pair_similarity(moving, fixed, np.eye(3))
+    after = _pair_similarity(moving, fixed, matrix)
+    record = {
+        "target": fixed.name,
+        "path": path,
+        "note": chosen.note,
+        "n_matches": keypoints.n_matches if keypoints is not None else 0,
+        "n_inliers": keypoints.n_inliers if keypoints is not None else 0,
+        "dice_before": before["dice"],
+        "dice_init": chosen.dice,
+        "dice_after": after["dice"] if point_map is None else dice_after,
+        "ncc_before": before["ncc"],
+        "ncc_after": after["ncc"],
+        "nmi_before": before["nmi"],
+        "nmi_after": after["nmi"],
+        "seconds": time.perf_counter() - start,
+    }
+    logger.info(
+        "Registered %s onto %s (%s): tissue Dice %.3f -> %.3f, NCC %.3f -> %.3f.",
+        moving.name,
+        fixed.name,
+        path,
+        record["dice_before"],
+        record["dice_after"],
+        record["ncc_before"],
+        record["ncc_after"],
+    )
+    return matrix, point_map, record
+
+
+def _rotation_deg(matrix: np.ndarray) -> float:
+    linear = matrix[:2, :2]
+    if np.linalg.det(linear) < 0:
+        linear = linear @ np.diag([-1.0, 1.0])
+    return float(np.degrees(np.arctan2(linear[1, 0], linear[0, 0])))
+
+
+def _pair_similarity(moving: PreparedSection, fixed: PreparedSection, matrix: np.ndarray) -> dict:
+    """Tissue Dice, NCC and NMI of the moving section mapped by ``matrix`` onto the fixed one.
+
+    NCC and NMI compare the stain channels over the tissue both sections share, smoothed
+    by :data:`_QC_SIGMA` of the image's long side: adjacent sections share tissue
+    structures, not single cells, so unsmoothed channels barely correlate even when aligned.
+    """
+    from scipy import ndimage as ndi
+    from skimage.metrics import normalized_mutual_information
+
+    shape = fixed.mask.shape
+    warped_mask = warp_to(moving.mask, matrix, moving.scale, fixed.scale, shape, order=0) > 0.5
+    shared = warped_mask & fixed.mask
+    out = {"dice": dice(warped_mask, fixed.mask), "ncc": float("nan"), "nmi": float("nan")}
+    if shared.sum() < 16:
+        return out
+    sigma = _QC_SIGMA * max(shape)
+    warped = ndi.gaussian_filter(
+        warp_to(moving.channel, matrix, moving.scale, fixed.scale, shape, order=1), sigma
+    )
+    a = warped[shared].astype(float)
+    b = ndi.gaussian_filter(fixed.channel, sigma)[shared].astype(float)
+    if a.std() > 0 and b.std() > 0:
+        out["ncc"] = float(np.corrcoef(a, b)[0, 1])
+        out["nmi"] = float(normalized_mutual_information(a, b, bins=32))
+    return out
+
+
+# -- chaining and writing ------------------------------------------------------------------
+def _compose(
+    groups: dict[str | None, list[str]],
+    references: dict[str | None, str],
+    pair_matrices: dict[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """Section frame -> reference frame: the product of pair maps along the stack."""
+    composed: dict[str, np.ndarray] = {}
+    for sample, names in groups.items():
+        r = names.index(references[sample])
+        composed[names[r]] = np.eye(3)
+        for i in range(r - 1, -1, -1):
+            composed[names[i]] = composed[names[i + 1]] @ pair_matrices[names[i]]
+        for i in range(r + 1, len(names)):
+            composed[names[i]] = composed[names[i - 1]] @ pair_matrices[names[i]]
+    return composed
+
+
+def _aligned_spots(
+    stack: SectionStack,
+    groups: dict[str | None, list[str]],
+    references: dict[str | None, str],
+    pair_matrices: dict[str, np.ndarray],
+    point_maps: dict[str, PointMap],
+    composed: dict[str, np.ndarray],
+) -> np.ndarray:
+    out = np.full((stack.table.n_obs, 2), np.nan)
+    for sample, names in groups.items():
+        r = names.index(references[sample])
+        for i, name in enumerate(names):
+            xy = stack[name].spatial
+            if not point_maps:
+                xy = (np.c_[xy, np.ones(len(xy))] @ composed[name].T)[:, :2]
+            else:  # follow every pair's own map (SyN warps do not compose as matrices)
+                path = range(i, r) if i < r else range(i, r, -1)
+                for j in path:
+                    step = names[j]
+                    if step in point_maps:
+                        xy = point_maps[step](xy)
+                    else:
+                        xy = (np.c_[xy, np.ones(len(xy))] @ pair_matrices[step].T)[:, :2]
+            out[stack[name].rows] = xy
+    return out
+
+
+def _reference_qc(
+    prepared: dict[str, PreparedSection],
+    groups: dict[str | None, list[str]],
+    references: dict[str | None, str],
+    composed: dict[str, np.ndarray],
+    records: dict[str, dict],
+) -> None:
+    for sample, names in groups.items():
+        ref = prepared[references[sample]]
+        # user matrices may map to any common frame: compare in the reference's own frame
+        to_ref = np.linalg.inv(composed[ref.name])
+        for name in names:
+            records[name]["dice_reference_before"] = mask_dice(prepared[name], ref, np.eye(3))
+            records[name]["dice_reference_after"] = mask_dice(
+                prepared[name], ref, to_ref @ composed[name]
+            )
+
+
+def _write(
+    stack: SectionStack,
+    *,
+    composed: dict[str, np.ndarray],
+    pair_matrices: dict[str, np.ndarray],
+    aligned: np.ndarray,
+    records: dict[str, dict],
+    references: dict[str | None, str],
+    groups: dict[str | None, list[str]],
+    params: dict,
+    key_added: str,
+) -> None:
+    obsm_key, uns_key = registration_key(key_added)
+    for name, matrix in composed.items():
+        stack.set_transformation(name, matrix, to_coordinate_system=key_added)
+    table = stack.table
+    table.obsm[obsm_key] = aligned
+    qc = _qc_frame(stack.names, records, composed)
+    order = [name for names in groups.values() for name in names]
+    table.uns[uns_key] = {
+        "matrices": {name: np.asarray(composed[name], dtype=float) for name in order},
+        "pair_matrices": {name: np.asarray(pair_matrices[name], dtype=float) for name in order},
+        "reference": (
+            next(iter(references.values()))
+            if len(references) == 1
+            else {str(k): v for k, v in references.items()}
+        ),
+        "order": np.asarray(order, dtype=object),
+        "qc": qc,
+        "params": sanitize_uns(params),
+    }
+    extra = (
+        f" and a transformation to coordinate system {key_added!r} on each section's "
+        "image and spots"
+        if stack.is_spatialdata
+        else ""
+    )
+    logger.info(
+        "Registered %d sections onto %s: added obsm[%r], uns[%r]%s.",
+        len(order),
+        ", ".join(references.values()),
+        obsm_key,
+        uns_key,
+        extra,
+    )
+
+
+def _qc_frame(
+    names: list[str], records: dict[str, dict], composed: dict[str, np.ndarray]
+) -> pd.DataFrame:
+    rows = []
+    for name in names:
+        record = dict(records[name])
+        # orientation of the section in the aligned frame (not of its pair map)
+        record["rotation_deg"] = _rotation_deg(composed[name])
+        record["flipped"] = bool(np.linalg.det(composed[name][:2, :2]) < 0)
+        rows.append(record)
+    columns = [
+        "target",
+        "path",
+        "note",
+        "flipped",
+        "n_matches",
+        "n_inliers",
+        "rotation_deg",
+        "dice_before",
+        "dice_init",
+        "dice_after",
+        "ncc_before",
+        "ncc_after",
+        "nmi_before",
+        "nmi_after",
+        "dice_reference_before",
+        "dice_reference_after",
+        "seconds",
+    ]
+    frame = pd.DataFrame(rows, index=pd.Index(names, name="section")).reindex(columns=columns)
+    frame["target"] = frame["target"].fillna("").astype(str)
+    frame["path"] = frame["path"].fillna("").astype(str)
+    frame["note"] = frame["note"].fillna("").astype(str)
+    frame["flipped"] = frame["flipped"].fillna(False).astype(bool)
+    for column in ("n_matches", "n_inliers"):
+        frame[column] = frame[column].fillna(0).astype(int)
+    return frame
