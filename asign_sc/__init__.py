@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from asign_sc import datasets, gr, io, pl, pp, tl
+from asign_sc import datasets, gr, io, models, pl, pp, tl
 from asign_sc._errors import InvalidStackError
 from asign_sc._keys import Key
 
@@ -13,4 +13,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["InvalidStackError", "Key", "datasets", "gr", "io", "pl", "pp", "tl"]
+__all__ = ["InvalidStackError", "Key", "datasets", "gr", "io", "models", "pl", "pp", "tl"]

