@@ -40,8 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="run the pipeline on a stack and write a zarr store, figures and metrics",
-        description="Load a section stack, validate it and run the ASIGN pipeline on it. "
-        "Writes <out>/stack.zarr (SpatialData with every result) and <out>/summary.json.",
+        description="Load a section stack and run ASIGN on it: register the sections, embed "
+        "the spot windows, build the 3D spot graph, fit the model on the known sections, "
+        "impute every spot and score the imputation beside the baselines. Writes "
+        "<out>/stack.zarr (SpatialData with every result), model.pt, metrics.json/.csv, "
+        "registration.png and summary.json.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -59,6 +62,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--library-key", default="section", help="obs column naming sections (default: section)"
+    )
+    run.add_argument(
+        "--encoder",
+        default="default",
+        help="image encoder: default (EfficientNet-Lite0, ImageNet weights installed with the "
+        "package), resnet50, a timm model name, or obsm:KEY for precomputed embeddings",
+    )
+    run.add_argument(
+        "--transform",
+        choices=("rigid", "affine", "syn"),
+        default="rigid",
+        help="registration model (default: rigid)",
+    )
+    run.add_argument(
+        "--epochs", type=int, default=300, help="maximum training epochs (default: 300)"
+    )
+    run.add_argument(
+        "--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N"
     )
     run.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     run.add_argument(
@@ -91,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             out=args.out,
             known=args.known,
             library_key=args.library_key,
+            encoder=args.encoder,
+            transform=args.transform,
+            epochs=args.epochs,
+            device=args.device,
             seed=args.seed,
             overwrite=args.overwrite,
         )

@@ -2,4 +2,4 @@
 
 from asign_sc.pl._registration import registration
 
-__all__ = ["registration"]
+__all__: list[str] = ["registration"]

@@ -1,0 +1,392 @@
+"""The full ASIGN network (MSAGNet + cross-layer imputation) and its saved-model wrapper."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from asign_sc.models._msagnet import MSAGNet
+from asign_sc.models._propagation import CrossLayerImputation
+
+__all__ = ["ASIGNEnsemble", "ASIGNModel", "ASIGNNet", "PCAReduction", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "asign_sc.ASIGNModel"
+CHECKPOINT_VERSION = 1
+ARCHITECTURE_KEYS = (
+    "spot_dim",
+    "region_dim",
+    "global_dim",
+    "n_genes",
+    "hidden_dim",
+    "n_gat_layers",
+    "n_heads",
+    "dropout",
+    "n_iterations",
+    "learn_node_weights",
+    "n_components",
+    "n_models",
+)
+AVERAGED = ("spot", "region", "global", "prediction", "propagated", "gate", "node_weights")
+"""Outputs of :class:`ASIGNNet` that :class:`ASIGNEnsemble` averages over its members."""
+LEVEL_DIMS = {"spot": "spot_dim", "region": "region_dim", "global": "global_dim"}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to torch."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device={str(device)!r} was requested but CUDA is not available here; use "
+            "device='auto' or 'cpu'."
+        )
+    return device
+
+
+class PCAReduction(nn.Module):
+    """A fixed (not trained) PCA projection of one feature level, stored with the model.
+
+    Image embeddings are wide (1024-2048) and a stack has a few thousand spots, so the
+    first, learned projection of each level would dominate compute and over-fit; a PCA
+    fitted once on the training stack's (standardised) features, applied before training
+    and at prediction, keeps the informative directions. Its parameters are buffers, so
+    they travel in the checkpoint.
+
+    Parameters
+    ----------
+    in_dim
+        Feature size.
+    n_components
+        Kept components (at most ``in_dim``).
+    """
+
+    def __init__(self, in_dim: int, n_components: int) -> None:
+        super().__init__()
+        if not 1 <= n_components <= in_dim:
+            raise ValueError(f"n_components must lie in [1, {in_dim}], got {n_components}.")
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("components", torch.eye(in_dim)[:, :n_components].clone())
+        self.register_buffer("scale", torch.ones(n_components))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor, *, max_rows: int = 50_000, seed: int = 0) -> PCAReduction:
+        """Fit on ``(..., in_dim)`` features (at most ``max_rows`` rows, drawn with ``seed``)."""
+        flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        if flat.shape[0] > max_rows:
+            g = torch.Generator().manual_seed(seed)
+            flat = flat[torch.randperm(flat.shape[0], generator=g)[:max_rows].to(flat.device)]
+        mean = flat.mean(0)
+        k = self.components.shape[1]
+        # full SVD is exact and fast at these sizes (rows <= max_rows, in_dim ~ 10^3)
+        _, sv, vh = torch.linalg.svd(flat - mean, full_matrices=False)
+        comps = vh[:k].T
+        # deterministic signs: largest loading of each component positive
+        signs = torch.sign(comps.gather(0, comps.abs().argmax(0, keepdim=True))).squeeze(0)
+        comps = comps * torch.where(signs == 0, torch.ones_like(signs), signs)
+        std = sv[:k] / max(flat.shape[0] - 1, 1) ** 0.5
+        self.mean.copy_(mean)
+        self.components.copy_(comps)
+        # one scale for all components (relative variances kept, no noise amplification)
+        rms = std.pow(2).mean().sqrt()
+        self.scale.fill_(float(rms) if rms > 1e-8 else 1.0)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Project ``(..., in_dim)`` to ``(..., n_components)`` scores of unit mean variance."""
+        return ((x - self.mean) @ self.components) / self.scale
+
+
+class ASIGNNet(nn.Module):
+    """MSAGNet followed by the cross-layer imputation block.
+
+    Parameters
+    ----------
+    spot_dim, region_dim, global_dim
+        Embedding sizes of the three image levels.
+    n_genes
+        Number of modelled genes.
+    hidden_dim, n_gat_layers, n_heads, dropout
+        See :class:`~asign_sc.models.MSAGNet`.
+    n_iterations, learn_node_weights
+        See :class:`~asign_sc.models.CrossLayerImputation`.
+    n_components
+        Reduce each level's features to this many principal components
+        (:class:`PCAReduction`) before the network; ``None`` keeps them. The forward pass
+        takes *reduced* features: call :meth:`reduce` on raw ones.
+    """
+
+    def __init__(
+        self,
+        spot_dim: int,
+        region_dim: int,
+        global_dim: int,
+        n_genes: int,
+        *,
+        hidden_dim: int = 128,
+        n_gat_layers: int = 3,
+        n_heads: int = 4,
+        dropout: float = 0.1,
+        n_iterations: int = 10,
+        learn_node_weights: bool = True,
+        n_components: int | None = None,
+    ) -> None:
+        super().__init__()
+        dims = {"spot": spot_dim, "region": region_dim, "global": global_dim}
+        if n_components is None:
+            self.reduction = None
+        else:
+            self.reduction = nn.ModuleDict(
+                {k: PCAReduction(d, min(n_components, d)) for k, d in dims.items()}
+            )
+            dims = {k: min(n_components, d) for k, d in dims.items()}
+        self.network = MSAGNet(
+            dims["spot"],
+            dims["region"],
+            dims["global"],
+            n_genes,
+            hidden_dim=hidden_dim,
+            n_gat_layers=n_gat_layers,
+            n_heads=n_heads,
+            dropout=dropout,
+        )
+        self.imputation = CrossLayerImputation(
+            hidden_dim, n_genes, n_iterations=n_iterations, learn_node_weights=learn_node_weights
+        )
+
+    def fit_reduction(self, features: Mapping[str, torch.Tensor], *, seed: int = 0) -> None:
+        """Fit the PCA of every level on ``{"spot", "region", "global"}`` features."""
+        if self.reduction is not None:
+            for level, module in self.reduction.items():
+                module.fit(features[level], seed=seed)
+
+    def reduce(self, level: str, x: torch.Tensor) -> torch.Tensor:
+        """Apply the level's PCA (identity without reduction)."""
+        return x if self.reduction is None else self.reduction[level](x)
+
+    def forward(
+        self,
+        spot: torch.Tensor,
+        region_tokens: torch.Tensor,
+        global_tokens: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_weight: torch.Tensor,
+        adjacency: torch.Tensor,
+        values: torch.Tensor,
+        known: torch.Tensor,
+        *,
+        return_spread: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Run the network, then propagate ``values`` of ``known`` spots and blend.
+
+        Returns
+        -------
+        The network outputs (``spot``, ``region``, ``global``, ``embedding``) and those of
+        :class:`~asign_sc.models.CrossLayerImputation` (``prediction``, ``propagated``,
+        ``coverage``, ``gate``, ``node_weights``).
+        """
+        out = self.network(spot, region_tokens, global_tokens, edge_index, edge_weight)
+        out.update(
+            self.imputation(
+                out["embedding"], adjacency, values, known, out["spot"], return_spread=return_spread
+            )
+        )
+        return out
+
+
+class ASIGNEnsemble(nn.Module):
+    """Several :class:`ASIGNNet` trained with different seeds and held-out spots, averaged.
+
+    A single known section gives a few hundred training spots, so one network's predictions
+    depend noticeably on its initialisation and validation split; averaging a few members
+    reduces that variance, and their spread is a per-spot, per-gene uncertainty. All members
+    share one feature reduction (PCA).
+
+    Parameters
+    ----------
+    n_models
+        Number of members.
+    **kwargs
+        Arguments of :class:`ASIGNNet`.
+    """
+
+    def __init__(self, *args: Any, n_models: int = 1, **kwargs: Any) -> None:
+        super().__init__()
+        if n_models < 1:
+            raise ValueError(f"n_models must be at least 1, got {n_models}.")
+        self.members = nn.ModuleList(ASIGNNet(*args, **kwargs) for _ in range(n_models))
+
+    def fit_reduction(self, features: Mapping[str, torch.Tensor], *, seed: int = 0) -> None:
+        """Fit the shared PCA (see :meth:`ASIGNNet.fit_reduction`)."""
+        first = self.members[0]
+        first.fit_reduction(features, seed=seed)
+        if first.reduction is not None:
+            for member in self.members[1:]:
+                member.reduction.load_state_dict(first.reduction.state_dict())
+
+    def reduce(self, level: str, x: torch.Tensor) -> torch.Tensor:
+        """Apply the shared PCA of a level."""
+        return self.members[0].reduce(level, x)
+
+    def forward(self, *args: torch.Tensor, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Run every member (arguments of :meth:`ASIGNNet.forward`) and average.
+
+        Returns
+        -------
+        The averaged outputs of :class:`ASIGNNet` (``coverage`` and ``known_share`` come
+        from the first member: they depend on the graph, barely on the node weights), and
+        with several members ``prediction_std`` and ``spot_std``, their spread.
+        """
+        outs = [member(*args, **kwargs) for member in self.members]
+        first = outs[0]
+        if len(outs) == 1:
+            return first
+        merged = dict(first)
+        for key in AVERAGED:
+            stacked = torch.stack([o[key] for o in outs])
+            merged[key] = stacked.mean(0)
+            if key in ("prediction", "spot"):
+                merged[f"{key}_std"] = stacked.std(0)
+        return merged
+
+
+class ASIGNModel:
+    """A fitted ASIGN model: the network plus everything needed to apply it to a stack.
+
+    Returned by :func:`asign_sc.tl.fit_asign` and consumed by :func:`asign_sc.tl.impute`.
+    ``settings`` carries the genes, the normalisation, the feature and graph keys and the
+    feature standardisation, so that a saved model imputes a new stack whose features came
+    from the same encoder.
+
+    Parameters
+    ----------
+    net
+        The trained network(s).
+    settings
+        JSON-serialisable settings; ``settings["architecture"]`` rebuilds ``net``.
+    history
+        Training history: lists per key (``epoch``, ``loss``, ``val_loss`` ...).
+    """
+
+    def __init__(
+        self,
+        net: ASIGNEnsemble,
+        settings: Mapping[str, Any],
+        history: Mapping[str, list] | None = None,
+    ) -> None:
+        self.net = net
+        self.settings: dict[str, Any] = _jsonable(settings)
+        self.history: dict[str, list] = _jsonable(history or {})
+
+    # -- construction -----------------------------------------------------------------
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> ASIGNModel:
+        """A new, untrained model built from ``settings["architecture"]``."""
+        arch = dict(settings["architecture"])
+        unknown = set(arch) - set(ARCHITECTURE_KEYS)
+        if unknown:
+            raise ValueError(f"Unknown architecture settings {sorted(unknown)}.")
+        net = ASIGNEnsemble(
+            arch.pop("spot_dim"),
+            arch.pop("region_dim"),
+            arch.pop("global_dim"),
+            arch.pop("n_genes"),
+            **arch,
+        )
+        return cls(net, settings)
+
+    # -- properties -------------------------------------------------------------------
+    @property
+    def genes(self) -> list[str]:
+        """Modelled genes, in output order."""
+        return list(self.settings["genes"])
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters."""
+        return next(self.net.parameters()).device
+
+    def to(self, device: str | torch.device) -> ASIGNModel:
+        """Move the network to ``device`` (``"auto"`` allowed); returns ``self``."""
+        self.net.to(resolve_device(device))
+        return self
+
+    def __repr__(self) -> str:
+        arch = self.settings.get("architecture", {})
+        trained = self.settings.get("known_sections", [])
+        return (
+            f"ASIGNModel(n_genes={arch.get('n_genes')}, hidden_dim={arch.get('hidden_dim')}, "
+            f"trained_on={list(trained)}, epochs={len(self.history.get('epoch', []))})"
+        )
+
+    # -- persistence ------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write a checkpoint readable with ``torch.load(path, weights_only=True)``.
+
+        It holds the state dict (tensors), the settings and the history (plain Python
+        containers of str/int/float/bool), nothing pickled.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        torch.save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "version": CHECKPOINT_VERSION,
+                "settings": self.settings,
+                "history": self.history,
+                "state_dict": state,
+            },
+            path,
+        )
+        logger.info("Saved ASIGN model to %s", path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> ASIGNModel:
+        """Read a checkpoint written by :meth:`save` (with ``weights_only=True``)."""
+        checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"{path} is not an asign_sc model checkpoint (written by ASIGNModel.save)."
+            )
+        if checkpoint.get("version", 0) > CHECKPOINT_VERSION:
+            raise ValueError(
+                f"{path} was written by a newer asign_sc (checkpoint version "
+                f"{checkpoint['version']}); upgrade asign_sc to read it."
+            )
+        model = cls.from_settings(checkpoint["settings"])
+        model.net.load_state_dict(checkpoint["state_dict"])
+        model.history = checkpoint.get("history", {})
+        model.net.eval()
+        return model.to(device)
+
+    def copy(self) -> ASIGNModel:
+        """A deep copy."""
+        return ASIGNModel(copy.deepcopy(self.net), self.settings, self.history)
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types only (so checkpoints load with ``weights_only=True``)."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple | set):
+        return list(value)
+    raise TypeError(f"Setting of type {type(value).__name__} cannot be stored in a checkpoint.")

@@ -1,0 +1,125 @@
+"""Hierarchical fusion of multi-level image features (paper §III-C-1, eq. 2-3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["MultiLevelFusion"]
+
+
+class MultiLevelFusion(nn.Module):
+    """Cross-attention of the spot embedding over region tokens and over global tokens.
+
+    Each level is first projected to ``hidden_dim`` (the image encoders are frozen, so this
+    projection is the trainable part of each branch, as in TRIPLEX). The projected spot
+    embedding is the query of two multi-head cross-attention layers whose keys and values
+    are the region tokens and the global tokens (eq. 2), giving ``f'_s`` and ``f''_s``;
+    the output is ``F = concat(f_s, f'_s, f''_s)`` (eq. 3). Attention over a single key
+    is the identity up to a linear map, so each level must bring at least two tokens.
+
+    Parameters
+    ----------
+    spot_dim, region_dim, global_dim
+        Embedding sizes of the three levels.
+    hidden_dim
+        Size of each projected level; ``F`` has ``3 * hidden_dim`` features.
+    n_heads
+        Attention heads; must divide ``hidden_dim``.
+    dropout
+        Dropout on the projections and the attention weights.
+    """
+
+    def __init__(
+        self,
+        spot_dim: int,
+        region_dim: int,
+        global_dim: int,
+        *,
+        hidden_dim: int = 128,
+        n_heads: int = 4,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if hidden_dim % n_heads:
+            raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by n_heads ({n_heads}).")
+        self.hidden_dim = hidden_dim
+        self.proj_spot = _projection(spot_dim, hidden_dim, dropout)
+        self.proj_region = _projection(region_dim, hidden_dim, dropout)
+        self.proj_global = _projection(global_dim, hidden_dim, dropout)
+        self.attn_region = nn.MultiheadAttention(
+            hidden_dim, n_heads, dropout=dropout, batch_first=True
+        )
+        self.attn_global = nn.MultiheadAttention(
+            hidden_dim, n_heads, dropout=dropout, batch_first=True
+        )
+
+    @property
+    def out_dim(self) -> int:
+        """Size of the fused feature ``F``."""
+        return 3 * self.hidden_dim
+
+    def forward(
+        self,
+        spot: torch.Tensor,
+        region_tokens: torch.Tensor,
+        global_tokens: torch.Tensor,
+        *,
+        return_attention: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Fuse the three levels.
+
+        Parameters
+        ----------
+        spot
+            ``(n, spot_dim)`` spot-level embeddings.
+        region_tokens, global_tokens
+            ``(n, n_tokens, dim)`` token grids of the region and global windows
+            (``n_tokens >= 2``).
+        return_attention
+            Also return the attention weights, ``(n, n_heads, n_tokens)`` per level.
+
+        Returns
+        -------
+        ``fused`` (``F``, ``(n, 3 * hidden_dim)``), the projected ``spot`` query, the
+        mean projected ``region`` and ``global`` tokens (the streams the transformer of
+        :class:`~asign_sc.models.MSAGNet` mixes with the graph output), and optionally
+        ``attention_region`` / ``attention_global``.
+        """
+        n = spot.shape[0]
+        for name, tokens in (("region", region_tokens), ("global", global_tokens)):
+            if tokens.ndim != 3 or tokens.shape[0] != n:
+                raise ValueError(
+                    f"{name}_tokens must have shape (n_spots={n}, n_tokens, dim), got "
+                    f"{tuple(tokens.shape)}."
+                )
+            if tokens.shape[1] < 2:
+                raise ValueError(
+                    f"{name}_tokens has a single token per spot; cross-attention over one key "
+                    "is a no-op. Extract features with a token grid (e.g. 2x2 or more) per "
+                    "window."
+                )
+        f_s = self.proj_spot(spot)
+        t_r = self.proj_region(region_tokens)
+        t_g = self.proj_global(global_tokens)
+        query = f_s.unsqueeze(1)
+        f_r, w_r = self.attn_region(
+            query, t_r, t_r, need_weights=return_attention, average_attn_weights=False
+        )
+        f_g, w_g = self.attn_global(
+            query, t_g, t_g, need_weights=return_attention, average_attn_weights=False
+        )
+        out = {
+            "fused": torch.cat([f_s, f_r.squeeze(1), f_g.squeeze(1)], dim=-1),
+            "spot": f_s,
+            "region": t_r.mean(1),
+            "global": t_g.mean(1),
+        }
+        if return_attention:
+            out["attention_region"] = w_r.squeeze(2)
+            out["attention_global"] = w_g.squeeze(2)
+        return out
+
+
+def _projection(in_dim: int, out_dim: int, dropout: float) -> nn.Module:
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Dropout(dropout))

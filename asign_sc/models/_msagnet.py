@@ -1,0 +1,199 @@
+"""MSAGNet: multi-level fusion, spatial-aware graph attention and regression heads (§III-C)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch_geometric.nn import GATv2Conv
+
+from asign_sc.models._fusion import MultiLevelFusion
+
+__all__ = ["MSAGNet", "SpatialGraphAttention"]
+
+LEVELS = ("spot", "region", "global")
+
+
+class SpatialGraphAttention(nn.Module):
+    """Stacked graph-attention rounds over the 3D spot graph (eq. 4).
+
+    Each round is a multi-head :class:`~torch_geometric.nn.GATv2Conv` whose attention
+    also sees the edge weight of the 3D graph (``edge_dim=1``); the outputs of all rounds
+    are concatenated and projected back to ``hidden_dim``.
+
+    Parameters
+    ----------
+    in_dim
+        Node feature size (``F`` of the fusion, ``3 * hidden_dim``).
+    hidden_dim
+        Output size of every round (``n_heads`` heads of ``hidden_dim // n_heads``).
+    n_layers
+        Number of rounds (paper: 3).
+    n_heads
+        Attention heads per round; must divide ``hidden_dim``.
+    dropout
+        Dropout on the attention coefficients and between rounds.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        *,
+        hidden_dim: int = 128,
+        n_layers: int = 3,
+        n_heads: int = 4,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be at least 1, got {n_layers}.")
+        if hidden_dim % n_heads:
+            raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by n_heads ({n_heads}).")
+        dims = [in_dim] + [hidden_dim] * (n_layers - 1)
+        self.convs = nn.ModuleList(
+            GATv2Conv(
+                d,
+                hidden_dim // n_heads,
+                heads=n_heads,
+                concat=True,
+                dropout=dropout,
+                edge_dim=1,
+                add_self_loops=True,
+                fill_value="mean",
+            )
+            for d in dims
+        )
+        self.act = nn.ELU()
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(n_layers * hidden_dim, hidden_dim)
+
+    def forward(
+        self, x: torch.Tensor, edge_index: torch.Tensor, edge_weight: torch.Tensor
+    ) -> torch.Tensor:
+        """Run the rounds.
+
+        Parameters
+        ----------
+        x
+            ``(n, in_dim)`` node features.
+        edge_index
+            ``(2, n_edges)`` source (neighbour ``j``) and target (spot ``i``) indices.
+        edge_weight
+            ``(n_edges,)`` weights ``e_ij`` of the 3D graph.
+
+        Returns
+        -------
+        ``(n, hidden_dim)`` node embeddings.
+        """
+        edge_attr = edge_weight.reshape(-1, 1).to(x.dtype)
+        rounds = []
+        h = x
+        for conv in self.convs:
+            h = self.dropout(self.act(conv(h, edge_index, edge_attr)))
+            rounds.append(h)
+        return self.out(torch.cat(rounds, dim=-1))
+
+
+class MSAGNet(nn.Module):
+    """Multi-level spatial-aware graph network of ASIGN.
+
+    ``MultiLevelFusion`` (cross-attention of the spot query over region and global tokens)
+    gives ``F``; :class:`SpatialGraphAttention` spreads ``F`` over the 3D graph; a
+    Transformer encoder layer then attends across the three streams (graph output, region
+    stream, global stream) of each spot, and one linear regression head per level predicts
+    spot, region and global expression.
+
+    Parameters
+    ----------
+    spot_dim, region_dim, global_dim
+        Embedding sizes of the three levels.
+    n_genes
+        Number of predicted genes.
+    hidden_dim
+        Width of every hidden representation.
+    n_gat_layers
+        Graph-attention rounds (paper: 3).
+    n_heads
+        Heads of the cross-attention, graph-attention and transformer layers.
+    dropout
+        Dropout everywhere.
+    """
+
+    def __init__(
+        self,
+        spot_dim: int,
+        region_dim: int,
+        global_dim: int,
+        n_genes: int,
+        *,
+        hidden_dim: int = 128,
+        n_gat_layers: int = 3,
+        n_heads: int = 4,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.fusion = MultiLevelFusion(
+            spot_dim,
+            region_dim,
+            global_dim,
+            hidden_dim=hidden_dim,
+            n_heads=n_heads,
+            dropout=dropout,
+        )
+        self.gat = SpatialGraphAttention(
+            self.fusion.out_dim,
+            hidden_dim=hidden_dim,
+            n_layers=n_gat_layers,
+            n_heads=n_heads,
+            dropout=dropout,
+        )
+        self.level_embedding = nn.Parameter(torch.zeros(3, hidden_dim))
+        self.transformer = nn.TransformerEncoderLayer(
+            hidden_dim,
+            n_heads,
+            dim_feedforward=2 * hidden_dim,
+            dropout=dropout,
+            batch_first=True,
+            norm_first=True,
+        )
+        self.heads = nn.ModuleDict({level: nn.Linear(hidden_dim, n_genes) for level in LEVELS})
+        self.hidden_dim = hidden_dim
+        self.n_genes = n_genes
+
+    def set_output_bias(self, mean: dict[str, torch.Tensor]) -> None:
+        """Start every head at a per-gene mean (faster, more stable full-graph training)."""
+        with torch.no_grad():
+            for level, value in mean.items():
+                self.heads[level].bias.copy_(value)
+
+    def forward(
+        self,
+        spot: torch.Tensor,
+        region_tokens: torch.Tensor,
+        global_tokens: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_weight: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Predict expression at the three levels.
+
+        Parameters
+        ----------
+        spot
+            ``(n, spot_dim)`` spot embeddings.
+        region_tokens, global_tokens
+            ``(n, n_tokens, dim)`` token grids.
+        edge_index, edge_weight
+            The 3D graph, see :class:`SpatialGraphAttention`.
+
+        Returns
+        -------
+        ``spot``, ``region``, ``global`` predictions ``(n, n_genes)`` and ``embedding``
+        ``(n, hidden_dim)``, the spot stream after the transformer (input of the node
+        weights and the blend of cross-layer imputation).
+        """
+        fused = self.fusion(spot, region_tokens, global_tokens)
+        graph = self.gat(fused["fused"], edge_index, edge_weight)
+        streams = torch.stack([graph, fused["region"], fused["global"]], dim=1)
+        streams = self.transformer(streams + self.level_embedding)
+        out = {level: self.heads[level](streams[:, i]) for i, level in enumerate(LEVELS)}
+        out["embedding"] = streams[:, 0]
+        return out

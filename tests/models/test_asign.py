@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asign_sc.models import ASIGNModel, ASIGNNet
+from asign_sc.models._asign import PCAReduction, resolve_device
+
+
+def _net(toy, **kw):
+    torch.manual_seed(0)
+    return ASIGNNet(*toy.dims, toy.n_genes, hidden_dim=16, n_heads=2, n_gat_layers=2, **kw)
+
+
+def _args(toy):
+    return (toy.spot, toy.region, toy.glob, toy.edge_index, toy.edge_weight, toy.adjacency)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_hidden_labels_never_enter_any_prediction(toy, train):
+    """Labels of spots outside `known` (e.g. the hidden, supervised ones) are never read."""
+    net = _net(toy).train(train)
+    known = toy.known.clone()
+    known[::2] = False  # hide half of the known section too
+    other = toy.values.clone()
+    other[~known] = torch.randn_like(other[~known]) * 100
+    torch.manual_seed(1)
+    a = net(*_args(toy), toy.values, known)
+    torch.manual_seed(1)
+    b = net(*_args(toy), other, known)
+    for key in ("prediction", "propagated", "spot", "gate"):
+        torch.testing.assert_close(a[key], b[key], msg=key)
+    torch.testing.assert_close(a["prediction"][known], toy.values[known])
+
+
+def test_spot_gradients_reach_the_spot_branch_through_the_blend(toy):
+    net = _net(toy)
+    spot = toy.spot.clone().requires_grad_(True)
+    out = net(spot, *_args(toy)[1:], toy.values, toy.known)
+    out["prediction"][~toy.known].pow(2).mean().backward()
+    assert spot.grad.abs().sum() > 0
+    assert net.network.fusion.proj_spot[0].weight.grad.abs().sum() > 0
+
+
+def test_pca_reduction_matches_svd_and_is_saved(toy, tmp_path):
+    x = toy.region  # (n, tokens, dim)
+    pca = PCAReduction(x.shape[-1], 5).fit(x)
+    z = pca(x)
+    assert z.shape == (*x.shape[:2], 5)
+    flat = z.reshape(-1, 5)
+    # uncorrelated, decreasing variance, unit mean variance
+    cov = torch.cov(flat.T)
+    off = cov - torch.diag(torch.diag(cov))
+    assert off.abs().max() < 1e-3
+    assert torch.all(torch.diag(cov)[:-1] >= torch.diag(cov)[1:])
+    assert torch.diag(cov).mean() == pytest.approx(1.0, rel=1e-3)
+    net = _net(toy, n_components=4)
+    net.fit_reduction({"spot": toy.spot, "region": toy.region, "global": toy.glob})
+    assert net.reduce("global", toy.glob).shape == (toy.n, toy.glob.shape[1], 4)
+    state = net.state_dict()
+    assert "reduction.spot.components" in state
+
+
+def test_model_save_load_weights_only(toy, tmp_path):
+    settings = {
+        "architecture": {
+            "spot_dim": toy.dims[0],
+            "region_dim": toy.dims[1],
+            "global_dim": toy.dims[2],
+            "n_genes": toy.n_genes,
+            "hidden_dim": 16,
+            "n_heads": 2,
+            "n_gat_layers": 2,
+            "n_components": 4,
+        },
+        "genes": [f"g{i}" for i in range(toy.n_genes)],
+    }
+    model = ASIGNModel.from_settings(settings)
+    model.net.fit_reduction({"spot": toy.spot, "region": toy.region, "global": toy.glob})
+    model.history = {"loss": [1.0, 0.5]}
+    path = model.save(tmp_path / "m.pt")
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "asign_sc.ASIGNModel"
+    loaded = ASIGNModel.load(path)
+    assert loaded.genes == model.genes and loaded.history == {"loss": [1.0, 0.5]}
+    model.net.eval()
+    for level, x in (("spot", toy.spot), ("region", toy.region)):
+        torch.testing.assert_close(loaded.net.reduce(level, x), model.net.reduce(level, x))
+
+    def reduced(net):
+        return (
+            net.reduce("spot", toy.spot),
+            net.reduce("region", toy.region),
+            net.reduce("global", toy.glob),
+            *_args(toy)[3:],
+        )
+
+    a = model.net(*reduced(model.net), toy.values, toy.known)
+    b = loaded.net(*reduced(loaded.net), toy.values, toy.known)
+    torch.testing.assert_close(a["prediction"], b["prediction"])
+    assert "n_genes=7" in repr(loaded)
+
+
+def test_load_rejects_other_files(tmp_path):
+    torch.save({"a": torch.zeros(1)}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="not an asign_sc model"):
+        ASIGNModel.load(tmp_path / "x.pt")
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            resolve_device("cuda")

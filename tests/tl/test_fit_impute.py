@@ -1,0 +1,489 @@
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from scipy.spatial import cKDTree
+
+from asign_sc import InvalidStackError
+from asign_sc.models import ASIGNModel
+from asign_sc.tl import fit_asign, impute
+
+REGION_OFFSETS = np.array([(-50, -50), (50, -50), (-50, 50), (50, 50)], dtype=float)
+GLOBAL_OFFSETS = np.array([(dx, dy) for dx in (-200, 0, 200) for dy in (-200, 0, 200)], dtype=float)
+FAST = {
+    "hidden_dim": 32,
+    "n_heads": 4,
+    "n_gat_layers": 2,
+    "epochs": 25,
+    "n_models": 1,
+    "show_progress_bar": False,
+}
+
+
+def make_stack(
+    n_sections: int = 3,
+    side: int = 12,
+    n_genes: int = 30,
+    dim: int = 24,
+    shift: float = 0.0,
+    unseen: float = 0.0,
+    seed: int = 0,
+) -> ad.AnnData:
+    """A small legacy-layout stack: smooth latent tissue field -> features and counts.
+
+    Sections are stacked along z over the same tissue, so expression is smooth across
+    sections; spot features are a noisy linear map of the field plus, with ``shift``, a
+    per-section offset and scale (stain/scanner shift). With ``unseen``, a second field that
+    the images do not show drives expression too (only propagation can recover it).
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0, side * 100, size=(6, 2))
+    amp = rng.normal(size=(6, 3))
+    hidden_centres = rng.uniform(0, side * 100, size=(6, 2))
+    hidden_amp = rng.normal(size=(6, 2))
+
+    def field(xy, centres=centres, amp=amp):
+        d2 = ((xy[:, None, :] - centres[None]) ** 2).sum(-1)
+        return np.exp(-d2 / (2 * 250.0**2)) @ amp
+
+    grid = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2) * 100.0
+    loadings = rng.normal(size=(3, n_genes))
+    hidden_loadings = rng.normal(size=(2, n_genes))
+    base = rng.uniform(0.5, 3, size=n_genes)
+    w_feat = rng.normal(size=(3, dim))
+    spatial, sections, counts, spot, region, glob = [], [], [], [], [], []
+    for s in range(n_sections):
+        xy = grid + rng.normal(scale=10, size=grid.shape)
+        z = field(xy)
+        h = field(xy, hidden_centres, hidden_amp)
+        rate = np.exp(base + z @ loadings * 0.8 + unseen * h @ hidden_loadings)
+        lib = rng.uniform(0.5, 1.5, size=(len(xy), 1))
+        counts.append(rng.poisson(rate * lib))
+        offset = rng.normal(scale=shift, size=dim)
+        scale = np.exp(rng.normal(scale=shift / 3, size=dim))
+
+        def feats(pts, offset=offset, scale=scale):
+            noise = rng.normal(scale=0.5, size=(len(pts), dim))
+            return (field(pts) @ w_feat + noise) * scale + offset
+
+        spot.append(feats(xy))
+        region.append(np.stack([feats(xy + o) for o in REGION_OFFSETS], 1))
+        glob.append(np.stack([feats(xy + o) for o in GLOBAL_OFFSETS], 1))
+        spatial.append(xy)
+        sections += [f"S{s}"] * len(xy)
+    xy = np.concatenate(spatial)
+    z_level = np.repeat(np.arange(n_sections) * 100.0, side * side)
+    adata = ad.AnnData(
+        X=sp.csr_matrix(np.concatenate(counts).astype(np.float32)),
+        obs=pd.DataFrame(
+            {"section": pd.Categorical(sections, categories=[f"S{s}" for s in range(n_sections)])},
+            index=[f"spot{i}" for i in range(len(sections))],
+        ),
+        var=pd.DataFrame(index=[f"G{j}" for j in range(n_genes)]),
+    )
+    adata.obsm["spatial"] = xy
+    adata.obsm["spatial_aligned"] = xy.copy()
+    adata.uns["spatial"] = {
+        f"S{s}": {"scalefactors": {"spot_diameter_fullres": 50.0}} for s in range(n_sections)
+    }
+    adata.obsm["X_asign_spot"] = np.concatenate(spot).astype(np.float32)
+    adata.obsm["X_asign_region_tokens"] = np.concatenate(region).astype(np.float32)
+    adata.obsm["X_asign_global_tokens"] = np.concatenate(glob).astype(np.float32)
+    pts = np.c_[xy, z_level]
+    dist, idx = cKDTree(pts).query(pts, k=11)
+    rows = np.repeat(np.arange(len(pts)), 10)
+    weights = 1.0 / (1.0 + dist[:, 1:].ravel() / 100)
+    graph = sp.csr_matrix((weights, (rows, idx[:, 1:].ravel())), shape=(len(pts), len(pts)))
+    adata.obsp["spatial3d_connectivities"] = graph.maximum(graph.T).tocsr()
+    return adata
+
+
+def per_gene_pcc(pred: np.ndarray, truth: np.ndarray) -> float:
+    p, t = pred - pred.mean(0), truth - truth.mean(0)
+    r = (p * t).sum(0) / np.sqrt((p**2).sum(0) * (t**2).sum(0) + 1e-12)
+    return float(r.mean())
+
+
+def truth_of(adata: ad.AnnData, genes: list[str]) -> np.ndarray:
+    counts = adata.X.toarray()
+    cols = [adata.var_names.get_loc(g) for g in genes]
+    return np.log1p(counts[:, cols] / counts.sum(1, keepdims=True) * 1e4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # training is many small ops: one thread avoids oversubscription on shared CI machines
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def stack() -> ad.AnnData:
+    return make_stack()
+
+
+@pytest.fixture(scope="module")
+def fitted(stack) -> tuple[ad.AnnData, ASIGNModel]:
+    adata = stack.copy()
+    model = fit_asign(adata, known_sections=["S0"], n_top_genes=20, device="cpu", **FAST)
+    return adata, model
+
+
+# -- fit -----------------------------------------------------------------------------------
+def test_fit_records_history_settings_and_uns(fitted, tmp_path):
+    adata, model = fitted
+    hist = model.history
+    assert len(hist["epoch"]) <= FAST["epochs"]
+    assert {"loss", "network_loss", "blend_loss", "val_loss", "val_pcc"} <= set(hist)
+    assert all(np.isfinite(hist["loss"]))
+    assert hist["loss"][-1] < hist["loss"][0]
+    assert len(model.genes) == 20
+    s = model.settings
+    assert s["features"] == {"key": "asign", "standardize": "section"}
+    assert s["normalization"]["target_sum"] == 1e4
+    assert s["known_sections"] == ["S0"]
+    fit = adata.uns["asign"]["fit"]
+    assert list(fit["known_sections"]) == ["S0"]
+    assert len(fit["history"]["loss"]) == len(hist["loss"])
+    # held-out spots come from the known section only
+    (val,) = s["training"]["validation_obs"]
+    assert len(val) == round(0.2 * 144)
+    assert set(adata.obs.loc[val, "section"]) == {"S0"}
+    adata.write_h5ad(tmp_path / "fitted.h5ad")  # everything recorded is writable
+
+
+def test_unknown_sections_expression_is_never_read(stack):
+    adata = stack.copy()
+    x = adata.X.toarray()
+    x[(adata.obs.section != "S0").to_numpy()] = np.nan
+    adata.X = x
+    model = fit_asign(adata, known_sections=["S0"], n_top_genes=5, **{**FAST, "epochs": 2})
+    impute(adata, model)
+    impute(adata, method="propagation", known_sections=["S0"], key_added="p", layer_added="p")
+    assert np.isfinite(adata.obsm["asign"].to_numpy()).all()
+    assert np.isfinite(adata.obsm["p"].to_numpy()).all()
+
+
+def test_fit_selects_top_genes_by_mean_count(stack, fitted):
+    _, model = fitted
+    known = stack[stack.obs.section == "S0"].X.toarray().mean(0)
+    top = stack.var_names[np.argsort(-known, kind="stable")[:20]]
+    assert model.genes == list(top)
+
+
+def test_fit_is_deterministic_under_a_seed(stack):
+    kw = {**FAST, "epochs": 5, "n_top_genes": 10, "device": "cpu"}
+    a = fit_asign(stack.copy(), known_sections=["S0"], seed=3, **kw)
+    b = fit_asign(stack.copy(), known_sections=["S0"], seed=3, **kw)
+    c = fit_asign(stack.copy(), known_sections=["S0"], seed=4, **kw)
+    assert a.history["loss"] == b.history["loss"]
+    for (k, v), w in zip(a.net.state_dict().items(), b.net.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+    assert a.history["loss"] != c.history["loss"]
+
+
+def test_validation_labels_never_reach_training(stack):
+    """Scrambling the held-out spots' counts leaves every training quantity unchanged."""
+    kw = {**FAST, "epochs": 8, "device": "cpu", "early_stopping": False}
+    genes = list(stack.var_names[:12])
+    first = stack.copy()
+    a = fit_asign(first, known_sections=["S0"], genes=genes, **kw)
+    second = stack.copy()
+    val = second.obs_names.get_indexer(a.settings["training"]["validation_obs"][0])
+    x = second.X.toarray()
+    x[val] = np.random.default_rng(0).permutation(x[val].ravel()).reshape(x[val].shape) * 3
+    second.X = sp.csr_matrix(x)
+    b = fit_asign(second, known_sections=["S0"], genes=genes, **kw)
+    for key in ("loss", "network_loss", "blend_loss"):
+        assert a.history[key] == b.history[key], key
+    assert a.history["val_loss"] != b.history["val_loss"]
+
+
+def test_early_stopping_keeps_the_best_epoch(stack):
+    model = fit_asign(
+        stack.copy(),
+        known_sections=["S0"],
+        n_top_genes=10,
+        device="cpu",
+        **{**FAST, "epochs": 60},
+        patience=3,
+        lr=0.05,
+    )
+    hist = model.history
+    (best,) = model.settings["training"]["best_epoch"]
+    assert len(hist["epoch"]) < 60
+    assert hist["val_loss_smoothed"][best] == min(hist["val_loss_smoothed"])
+    assert len(hist["epoch"]) - 1 - best == 3
+
+
+def test_ensemble_members_differ_and_their_spread_is_the_uncertainty(stack):
+    adata = stack.copy()
+    model = fit_asign(
+        adata, known_sections=["S0"], n_top_genes=8, device="cpu", **{**FAST, "n_models": 2}
+    )
+    assert set(model.history["member"]) == {0, 1}
+    first, second = model.settings["training"]["validation_obs"]
+    assert set(first) != set(second)
+    impute(adata, model)
+    params = adata.uns["asign"]["impute"]
+    assert params["uncertainty"] == "ensemble_std" and params["n_models"] == 2
+    unknown = (adata.obs.section != "S0").to_numpy()
+    unc = adata.obsm["asign_uncertainty"].to_numpy()
+    assert np.all(unc[~unknown] == 0) and np.all(unc[unknown] > 0)
+    # the ensemble's prediction is the mean of its members'
+    single = ASIGNModel.from_settings(
+        {**model.settings, "architecture": {**model.settings["architecture"], "n_models": 1}}
+    )
+    members = []
+    for member in model.net.members:
+        single.net.members[0].load_state_dict(member.state_dict())
+        impute(adata, single, key_added="one", layer_added="one")
+        members.append(adata.obsm["one"].to_numpy())
+    np.testing.assert_allclose(adata.obsm["asign"].to_numpy(), np.mean(members, 0), atol=1e-5)
+
+
+def test_fit_errors(stack):
+    bad = stack.copy()
+    del bad.obsm["X_asign_region_tokens"]
+    with pytest.raises(InvalidStackError, match="extract_features"):
+        fit_asign(bad, known_sections=["S0"], **FAST)
+    bad = stack.copy()
+    bad.obsm["X_asign_global_tokens"] = bad.obsm["X_asign_global_tokens"][:, :1]
+    with pytest.raises(InvalidStackError, match="one token"):
+        fit_asign(bad, known_sections=["S0"], **FAST)
+    bad = stack.copy()
+    del bad.obsp["spatial3d_connectivities"]
+    with pytest.raises(InvalidStackError, match="build_3d_graph"):
+        fit_asign(bad, known_sections=["S0"], **FAST)
+    with pytest.raises(InvalidStackError, match="not sections"):
+        fit_asign(stack.copy(), known_sections=["S9"], **FAST)
+    with pytest.raises(ValueError, match="mask_fraction"):
+        fit_asign(stack.copy(), known_sections=["S0"], mask_fraction=1.0, **FAST)
+    with pytest.raises(ValueError, match="validation_fraction > 0"):
+        fit_asign(stack.copy(), known_sections=["S0"], validation_fraction=0, **FAST)
+
+
+# -- impute --------------------------------------------------------------------------------
+def test_impute_writes_layers_obsm_var_uns(fitted, tmp_path):
+    adata, model = fitted
+    impute(adata, model)
+    genes = model.genes
+    layer = adata.layers["asign"]
+    adata.write_h5ad(tmp_path / "imputed.h5ad")
+    assert sp.issparse(layer) and layer.shape == adata.shape
+    modelled = adata.var["asign_modelled"]
+    assert modelled.sum() == len(genes) and modelled[genes].all()
+    assert layer[:, ~modelled.to_numpy()].nnz == 0
+    frame = adata.obsm["asign"]
+    assert list(frame.columns) == genes and (frame.index == adata.obs_names).all()
+    np.testing.assert_allclose(layer[:, adata.var_names.get_indexer(genes)].toarray(), frame)
+    known = (adata.obs.section == "S0").to_numpy()
+    np.testing.assert_allclose(frame[known], truth_of(adata, genes)[known], rtol=1e-5, atol=1e-5)
+    unc = adata.obsm["asign_uncertainty"]
+    assert (unc[known] == 0).all().all()
+    assert (unc[~known].to_numpy() >= 0).all()
+    params = adata.uns["asign"]["impute"]
+    assert params["method"] == "asign" and list(params["known_sections"]) == ["S0"]
+    assert "fit" in adata.uns["asign"]  # earlier entries are kept
+
+
+def test_impute_copy_leaves_input_alone(fitted):
+    adata, model = fitted
+    fresh = adata.copy()
+    for key in ("asign_copy",):
+        fresh.obsm.pop(key, None)
+    out = impute(fresh, model, key_added="asign_copy", layer_added="asign_copy", copy=True)
+    assert "asign_copy" in out.obsm and "asign_copy" not in fresh.obsm
+
+
+def test_save_load_round_trip_gives_identical_predictions(fitted, tmp_path):
+    adata, model = fitted
+    path = model.save(tmp_path / "model.pt")
+    raw = torch.load(path, weights_only=True)
+    assert raw["settings"]["genes"] == model.genes
+    loaded = ASIGNModel.load(path)
+    assert loaded.settings == model.settings
+    impute(adata, model, key_added="before", layer_added="before")
+    impute(adata, loaded, key_added="after", layer_added="after")
+    np.testing.assert_array_equal(adata.obsm["before"].to_numpy(), adata.obsm["after"].to_numpy())
+
+
+def test_network_method_predicts_known_spots_too(fitted):
+    adata, model = fitted
+    impute(adata, model, method="network", key_added="net", layer_added="net")
+    known = (adata.obs.section == "S0").to_numpy()
+    truth = truth_of(adata, model.genes)
+    assert not np.allclose(adata.obsm["net"].to_numpy()[known], truth[known])
+    assert adata.uns["net"]["impute"]["method"] == "network"
+
+
+def test_model_applies_to_a_new_stack_with_its_own_known_section(fitted):
+    _, model = fitted
+    other = make_stack(seed=5)
+    impute(other, model, known_sections=["S2"])
+    known = (other.obs.section == "S2").to_numpy()
+    truth = truth_of(other, model.genes)
+    np.testing.assert_allclose(other.obsm["asign"].to_numpy()[known], truth[known], atol=1e-5)
+    assert per_gene_pcc(other.obsm["asign"].to_numpy()[~known], truth[~known]) > 0.3
+
+
+def test_impute_errors(fitted):
+    adata, model = fitted
+    with pytest.raises(ValueError, match="needs a fitted model"):
+        impute(adata, method="asign")
+    with pytest.raises(ValueError, match="known_sections"):
+        impute(adata, method="propagation")
+    with pytest.raises(ValueError, match="method must be"):
+        impute(adata, model, method="magic")
+    small = make_stack(dim=8)
+    with pytest.raises(InvalidStackError, match="Feature sizes"):
+        impute(small, model)
+    with pytest.raises(InvalidStackError, match="spatial_aligned"):
+        bad = adata.copy()
+        del bad.obsm["spatial_aligned"]
+        impute(bad, method="overlap", known_sections=["S0"])
+
+
+# -- baselines -----------------------------------------------------------------------------
+def test_propagation_baseline_matches_the_propagation_block(stack):
+    from asign_sc.models import propagate_labels
+    from asign_sc.models._propagation import adjacency_tensor
+
+    adata = stack.copy()
+    impute(adata, method="propagation", known_sections=["S0"], n_top_genes=5, n_iterations=1)
+    genes = list(adata.obsm["asign"].columns)
+    truth = truth_of(adata, genes)
+    known = torch.from_numpy((adata.obs.section == "S0").to_numpy())
+    values = torch.from_numpy(truth.astype(np.float32)) * known[:, None]
+    expected = propagate_labels(
+        adjacency_tensor(adata.obsp["spatial3d_connectivities"]), values, known, n_iterations=1
+    )
+    reached = expected.reached.numpy()
+    np.testing.assert_allclose(
+        adata.obsm["asign"].to_numpy()[reached], expected.values.numpy()[reached], atol=1e-5
+    )
+    # with 1 step some spots of the far section are unreached: mean profile, NaN spread
+    unreached = ~reached
+    assert unreached.any()
+    np.testing.assert_allclose(
+        adata.obsm["asign"].to_numpy()[unreached][0], truth[known.numpy()].mean(0), rtol=1e-5
+    )
+    assert np.isnan(adata.obsm["asign_uncertainty"].to_numpy()[unreached]).all()
+
+
+def test_overlap_baseline_takes_the_nearest_known_spot(stack):
+    adata = stack.copy()
+    impute(adata, method="overlap", known_sections=["S0"], n_top_genes=5)
+    genes = list(adata.obsm["asign"].columns)
+    truth = truth_of(adata, genes)
+    known = (adata.obs.section == "S0").to_numpy()
+    xy = adata.obsm["spatial_aligned"]
+    _, nearest = cKDTree(xy[known]).query(xy[~known])
+    np.testing.assert_allclose(
+        adata.obsm["asign"].to_numpy()[~known], truth[known][nearest], rtol=1e-5
+    )
+
+
+def test_similarity_baseline_averages_most_similar_known_spots(stack):
+    adata = stack.copy()
+    impute(
+        adata,
+        method="similarity",
+        known_sections=["S0"],
+        n_top_genes=5,
+        n_neighbors=1,
+        standardize_features=None,
+    )
+    genes = list(adata.obsm["asign"].columns)
+    truth = truth_of(adata, genes)
+    known = (adata.obs.section == "S0").to_numpy()
+    f = adata.obsm["X_asign_spot"]
+    f = f / np.linalg.norm(f, axis=1, keepdims=True)
+    best = np.argmax(f[~known] @ f[known].T, axis=1)
+    np.testing.assert_allclose(
+        adata.obsm["asign"].to_numpy()[~known], truth[known][best], rtol=1e-5
+    )
+    assert (adata.obsm["asign_uncertainty"].to_numpy() == 0).all()  # k = 1: no spread
+
+
+@pytest.mark.slow
+def test_full_method_beats_every_baseline_on_unknown_sections(stack):
+    adata = stack.copy()
+    model = fit_asign(
+        adata, known_sections=["S0"], n_top_genes=20, device="cpu", **{**FAST, "epochs": 150}
+    )
+    unknown = (adata.obs.section != "S0").to_numpy()
+    truth = truth_of(adata, model.genes)[unknown]
+    scores = {}
+    for method in ("asign", "network", "propagation", "overlap", "similarity"):
+        impute(
+            adata, model, method=method, known_sections=["S0"], key_added=method, layer_added=method
+        )
+        scores[method] = per_gene_pcc(adata.obsm[method].to_numpy()[unknown], truth)
+    assert scores["asign"] == max(scores.values()), scores
+
+
+@pytest.mark.slow
+def test_section_standardisation_removes_a_feature_shift():
+    shifted = make_stack(shift=3.0)
+    unknown = (shifted.obs.section != "S0").to_numpy()
+    scores = {}
+    for std in ("section", None):
+        model = fit_asign(
+            shifted,
+            known_sections=["S0"],
+            n_top_genes=20,
+            device="cpu",
+            standardize_features=std,
+            **{**FAST, "epochs": 100},
+        )
+        impute(shifted, model, method="network")
+        truth = truth_of(shifted, model.genes)[unknown]
+        scores[std] = per_gene_pcc(shifted.obsm["asign"].to_numpy()[unknown], truth)
+    assert scores["section"] > scores[None] + 0.02, scores
+
+
+@pytest.mark.gpu
+def test_fit_and_impute_on_cuda(stack):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    adata = stack.copy()
+    model = fit_asign(
+        adata, known_sections=["S0"], n_top_genes=10, device="cuda", **{**FAST, "epochs": 10}
+    )
+    assert model.device.type == "cuda"
+    impute(adata, model, device="cuda")
+    cpu = model.copy().to("cpu")
+    impute(adata, cpu, device="cpu", key_added="cpu", layer_added="cpu")
+    np.testing.assert_allclose(adata.obsm["asign"], adata.obsm["cpu"], atol=1e-4)
+
+
+def test_fit_and_impute_a_spatialdata_stack():
+    """SpatialData in, results in its table; copy=True leaves the input untouched."""
+    from asign_sc.datasets import synthetic_stack
+
+    sdata, _ = synthetic_stack(n_sections=3, n_spots_per_section=60, image_size=256, n_genes=12)
+    table = sdata.tables["table"]
+    rng = np.random.default_rng(0)
+    n = table.n_obs
+    table.obsm["X_asign_spot"] = rng.normal(size=(n, 8)).astype(np.float32)
+    table.obsm["X_asign_region_tokens"] = rng.normal(size=(n, 4, 8)).astype(np.float32)
+    table.obsm["X_asign_global_tokens"] = rng.normal(size=(n, 4, 8)).astype(np.float32)
+    xyz = np.c_[table.obsm["spatial"], table.obs["section"].cat.codes.to_numpy() * 50.0]
+    dist, idx = cKDTree(xyz).query(xyz, k=7)
+    rows = np.repeat(np.arange(n), 6)
+    table.obsp["spatial3d_connectivities"] = sp.csr_matrix(
+        (1 / (1 + dist[:, 1:].ravel()), (rows, idx[:, 1:].ravel())), shape=(n, n)
+    )
+    first = table.obs["section"].cat.categories[0]
+    model = fit_asign(sdata, known_sections=[first], n_top_genes=6, **{**FAST, "epochs": 3})
+    out = impute(sdata, model, copy=True)
+    assert "asign" in out.tables["table"].obsm and "asign" not in table.obsm
+    impute(sdata, model)
+    assert table.obsm["asign"].shape == (n, 6)
