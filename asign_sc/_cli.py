@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         "the spot windows, build the 3D spot graph, fit the model on the known sections, "
         "impute every spot and score the imputation beside the baselines. Writes "
         "<out>/stack.zarr (SpatialData with every result), model.pt, metrics.json/.csv, "
-        "registration.png and summary.json.",
+        "PNG figures and summary.json.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -92,11 +92,12 @@ def run_pipeline(
     baselines (:func:`asign_sc.tl.evaluate`).
 
     Writes ``out/stack.zarr`` (the SpatialData with every result), ``out/model.pt``,
-    ``out/metrics.json`` and ``out/metrics.csv`` (scores per method), ``out/registration.png``
-    and ``out/summary.json`` (the stack, the steps with their seconds, the outputs).
+    ``out/metrics.json`` and ``out/metrics.csv`` (scores per method), figures
+    (``registration.png``, ``sections_<gene>.png``, ``training.png``, ``metrics.png``) and
+    ``out/summary.json`` (the stack, the steps with their seconds, the outputs).
     Returns the summary.
     """
-    from asign_sc import gr, pl, tl
+    from asign_sc import gr, tl
 
     out = Path(out)
     store = out / "stack.zarr"
@@ -182,15 +183,9 @@ def run_pipeline(
             )
     else:
         logger.info("no measured counts outside the known sections: nothing to score")
-    step(
-        "figures",
-        pl.registration,
-        sdata,
-        library_key=library_key,
-        save=out / "registration.png",
-        show=False,
+    outputs["figures"] = step(
+        "figures", _figures, sdata, model, out, library_key, metrics is not None
     )
-    outputs["figures"] = [str(out / "registration.png")]
     step("write", write_zarr, sdata, store, overwrite=overwrite)
 
     summary = {
@@ -206,6 +201,35 @@ def run_pipeline(
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.info("wrote %s", ", ".join(f"{k}={v}" for k, v in outputs.items()))
     return summary
+
+
+def _figures(
+    sdata: SpatialData, model: Any, out: Path, library_key: str, evaluated: bool
+) -> list[str]:
+    """Registration overlay, measured vs imputed for one gene, training curves, metrics."""
+    import matplotlib.pyplot as plt
+
+    from asign_sc import pl
+
+    table = sdata.tables[Key.sdata.table]
+    genes = list(table.obsm[Key.layers.imputed].columns)
+    gene = "ERBB2" if "ERBB2" in genes else genes[0]
+    if evaluated and "ERBB2" not in genes:
+        pcc = table.var.loc[genes, "asign_eval_pcc_asign"]
+        gene = str(pcc.idxmax()) if pcc.notna().any() else gene
+    figures = {
+        "registration.png": lambda p: pl.registration(sdata, library_key=library_key, save=p),
+        f"sections_{gene}.png": lambda p: pl.sections(sdata, gene, library_key=library_key, save=p),
+        "training.png": lambda p: pl.training(model, save=p),
+    }
+    if evaluated:
+        figures["metrics.png"] = lambda p: pl.metrics(sdata, save=p)
+    written = []
+    for name, draw in figures.items():
+        draw(out / name)
+        written.append(str(out / name))
+        plt.close("all")
+    return written
 
 
 def spot_windows(stack: SectionStack) -> tuple[float, float, float]:
