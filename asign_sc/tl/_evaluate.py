@@ -219,6 +219,12 @@ def _baseline(
         layer=layer,
         library_key=stack.library_key,
         graph_key=_none(record.get("graph_key")),
+        features_key=_none(record.get("features_key")),
+        **(
+            {"standardize_features": _none(record["standardize_features"])}
+            if "standardize_features" in record
+            else {}
+        ),
         layer_added="baseline",
         key_added="baseline",
     )
