@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import matplotlib
 import numpy as np
 import pytest
@@ -11,37 +9,8 @@ import pytest
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
-from matplotlib.testing.compare import compare_images
 
 import asign_sc as asc
-
-BASELINE = Path(__file__).parent / "baseline"
-#: compare_images RMS tolerance (0-255): absorbs font rendering, not a moved panel or spot.
-TOLERANCE = 8.0
-
-
-def imputed_stack(method: str = "overlap", known: str = "S2"):
-    """Synthetic 3-section stack, aligned by the true maps, imputed from one section."""
-    sdata, truth = asc.datasets.synthetic_stack(
-        n_sections=3, n_spots_per_section=60, image_size=256, n_genes=20
-    )
-    sdata.tables["table"].obsm["spatial_aligned"] = np.asarray(truth.tissue_xy)
-    asc.gr.build_3d_graph(sdata)
-    asc.tl.impute(sdata, method=method, known_sections=[known], n_top_genes=15)
-    return sdata
-
-
-def check_image(fig, name: str, tmp_path: Path, dpi: float) -> None:
-    actual = tmp_path / name
-    fig.savefig(actual, dpi=dpi)
-    plt.close(fig)
-    expected = BASELINE / name
-    if not expected.exists():  # first run: store the reference, then look at it
-        expected.parent.mkdir(exist_ok=True)
-        expected.write_bytes(actual.read_bytes())
-        pytest.fail(f"No reference image yet; wrote {expected}. Check it and rerun.")
-    result = compare_images(str(expected), str(actual), tol=TOLERANCE)
-    assert result is None, result
 
 
 def _history() -> dict[str, list]:
@@ -66,12 +35,12 @@ def _history() -> dict[str, list]:
     return history
 
 
-def test_training_matches_reference_image(tmp_path):
+def test_training_matches_reference_image(tmp_path, check_image):
     fig = asc.pl.training(_history(), figsize=(7, 2.8), dpi=50, show=False)
     check_image(fig, "training.png", tmp_path, dpi=50)
 
 
-def test_fitted_model_curves_and_best_epoch(tmp_path):
+def test_fitted_model_curves_and_best_epoch(tmp_path, imputed_stack):
     import torch
 
     sdata = imputed_stack()
