@@ -38,3 +38,18 @@ def synthetic_small(_synthetic_small):
 
     sdata, truth = _synthetic_small
     return deepcopy(sdata), truth
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module of tiny-tensor tests.
+
+    Many small ops on 2 shared cores stall at OpenMP barriers with 2 threads; opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

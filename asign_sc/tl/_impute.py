@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -356,6 +356,19 @@ def _propagation(
     )
 
 
+def _known_and_unknown(
+    table: AnnData, stack: SectionStack, known: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Known and unknown rows of each sample that has unknown spots."""
+    for rows in _groups(table, stack):
+        k_rows, u_rows = rows[known[rows]], rows[~known[rows]]
+        if len(u_rows) == 0:
+            continue
+        if len(k_rows) == 0:
+            raise InvalidStackError("A sample has no known section; every sample needs one.")
+        yield k_rows, u_rows
+
+
 def _groups(table: AnnData, stack: SectionStack) -> list[np.ndarray]:
     """Row sets that may inform each other: one per sample (all rows if no sample_key)."""
     by_sample = stack.samples()
@@ -378,12 +391,7 @@ def _overlap(
     unc = np.zeros_like(values)
     far = 0
     radius = np.median([s.spot_radius for s in stack])
-    for rows in _groups(table, stack):
-        k_rows, u_rows = rows[known[rows]], rows[~known[rows]]
-        if len(u_rows) == 0:
-            continue
-        if len(k_rows) == 0:
-            raise InvalidStackError("A sample has no known section; every sample needs one.")
+    for k_rows, u_rows in _known_and_unknown(table, stack, known):
         k = min(2, len(k_rows))
         dist, idx = cKDTree(coords[k_rows]).query(coords[u_rows], k=k)
         dist, idx = dist.reshape(len(u_rows), k), idx.reshape(len(u_rows), k)
@@ -418,12 +426,7 @@ def _similarity(
     feats = feats / np.where(norms > 0, norms, 1.0)  # cosine similarity = Euclidean on the sphere
     pred = values.copy()
     unc = np.zeros_like(values)
-    for rows in _groups(table, stack):
-        k_rows, u_rows = rows[known[rows]], rows[~known[rows]]
-        if len(u_rows) == 0:
-            continue
-        if len(k_rows) == 0:
-            raise InvalidStackError("A sample has no known section; every sample needs one.")
+    for k_rows, u_rows in _known_and_unknown(table, stack, known):
         k = min(n_neighbors, len(k_rows))
         _, idx = cKDTree(feats[k_rows]).query(feats[u_rows], k=k)
         neighbours = values[k_rows[idx.reshape(len(u_rows), k)]]

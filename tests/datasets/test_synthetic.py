@@ -41,10 +41,10 @@ def test_transforms_recoverable_from_spots_and_images(synthetic_small):
     sdata, truth = synthetic_small
     stack = resolve_stack(sdata)
     a, b = stack["S1"], stack["S2"]
+
     def to_frame(s):
-        return (
-            s.spatial @ truth.transforms[s.name][:2, :2].T + truth.transforms[s.name][:2, 2]
-        )
+        return s.spatial @ truth.transforms[s.name][:2, :2].T + truth.transforms[s.name][:2, 2]
+
     dist, _ = cKDTree(to_frame(a)).query(to_frame(b))
     pitch = 4 * a.spot_radius
     assert np.median(dist) < pitch  # the spot clouds coincide in the tissue frame

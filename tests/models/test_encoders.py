@@ -17,14 +17,7 @@ from asign_sc.models.encoders import (
 from asign_sc.models.encoders._efficientnet_lite import lite0_weights_path
 from asign_sc.models.encoders._registry import _REGISTRY
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny inputs: one intra-op thread avoids OpenMP barrier stalls on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import matplotlib
 import numpy as np
 import pandas as pd
@@ -12,14 +10,9 @@ import pytest
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
-from matplotlib.testing.compare import compare_images
 
 from asign_sc.pl import registration
 from asign_sc.tl import register_sections
-
-BASELINE = Path(__file__).parent / "baseline"
-#: compare_images' RMS tolerance (0-255): absorbs font rendering, not a misplaced section.
-TOLERANCE = 8.0
 
 
 def _rotation(degrees: float, tx: float, ty: float) -> np.ndarray:
@@ -82,20 +75,11 @@ def _stack():
     return adata
 
 
-def test_registration_plot_matches_reference_image(tmp_path):
+def test_registration_plot_matches_reference_image(tmp_path, check_image):
     adata = _stack()
     fig = registration(adata, max_side=120, figsize=(4, 2), dpi=60, title=False, show=False)
     assert len(fig.axes) == 2
-    actual = tmp_path / "registration.png"
-    fig.savefig(actual, dpi=60)
-    plt.close(fig)
-    expected = BASELINE / "registration.png"
-    if not expected.exists():  # first run: store the reference, then look at it
-        expected.parent.mkdir(exist_ok=True)
-        expected.write_bytes(actual.read_bytes())
-        pytest.fail(f"No reference image yet; wrote {expected}. Check it and rerun.")
-    result = compare_images(str(expected), str(actual), tol=TOLERANCE)
-    assert result is None, result
+    check_image(fig, "registration.png", tmp_path, dpi=60)
 
 
 def test_after_panel_overlays_sections_and_titles_report_dice(tmp_path):

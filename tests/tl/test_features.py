@@ -16,14 +16,7 @@ from asign_sc.models.encoders import get_encoder
 from asign_sc.tl import extract_features
 from asign_sc.tl._features import LEVELS, _read_plan, cpu_supports_bf16
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny inputs: one intra-op thread avoids OpenMP barrier stalls on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 HER2ST = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "her2st"

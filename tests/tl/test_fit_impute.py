@@ -114,13 +114,7 @@ def truth_of(adata: ad.AnnData, genes: list[str]) -> np.ndarray:
     return np.log1p(counts[:, cols] / counts.sum(1, keepdims=True) * 1e4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # training is many small ops: one thread avoids oversubscription on shared CI machines
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
