@@ -30,6 +30,8 @@ ARCHITECTURE_KEYS = (
     "n_gat_layers",
     "n_heads",
     "dropout",
+    "cross_attention",
+    "graph_attention",
     "n_iterations",
     "learn_node_weights",
     "n_components",
@@ -115,8 +117,9 @@ class ASIGNNet(nn.Module):
         Embedding sizes of the three image levels.
     n_genes
         Number of modelled genes.
-    hidden_dim, n_gat_layers, n_heads, dropout
-        See :class:`~asign_sc.models.MSAGNet`.
+    hidden_dim, n_gat_layers, n_heads, dropout, cross_attention, graph_attention
+        See :class:`~asign_sc.models.MSAGNet` (the switches remove a block for ablations;
+        both default to the full network).
     n_iterations, learn_node_weights
         See :class:`~asign_sc.models.CrossLayerImputation`.
     n_components
@@ -136,6 +139,8 @@ class ASIGNNet(nn.Module):
         n_gat_layers: int = 3,
         n_heads: int = 4,
         dropout: float = 0.1,
+        cross_attention: bool = True,
+        graph_attention: bool = True,
         n_iterations: int = 10,
         learn_node_weights: bool = True,
         n_components: int | None = None,
@@ -158,6 +163,8 @@ class ASIGNNet(nn.Module):
             n_gat_layers=n_gat_layers,
             n_heads=n_heads,
             dropout=dropout,
+            cross_attention=cross_attention,
+            graph_attention=graph_attention,
         )
         self.imputation = CrossLayerImputation(
             hidden_dim, n_genes, n_iterations=n_iterations, learn_node_weights=learn_node_weights
@@ -323,9 +330,11 @@ class ASIGNModel:
     def __repr__(self) -> str:
         arch = self.settings.get("architecture", {})
         trained = self.settings.get("known_sections", [])
+        removed = [k for k in ("cross_attention", "graph_attention") if not arch.get(k, True)]
         return (
             f"ASIGNModel(n_genes={arch.get('n_genes')}, hidden_dim={arch.get('hidden_dim')}, "
-            f"trained_on={list(trained)}, epochs={len(self.history.get('epoch', []))})"
+            + (f"without={removed}, " if removed else "")
+            + f"trained_on={list(trained)}, epochs={len(self.history.get('epoch', []))})"
         )
 
     # -- persistence ------------------------------------------------------------------

@@ -18,6 +18,13 @@ class MultiLevelFusion(nn.Module):
     the output is ``F = concat(f_s, f'_s, f''_s)`` (eq. 3). Attention over a single key
     is the identity up to a linear map, so each level must bring at least two tokens.
 
+    With ``cross_attention=False`` (the paper's "w.o Cross-atten" ablation, Table II) there
+    is no attention: ``f'_s`` and ``f''_s`` are a linear map of the *mean* projected region
+    and global token, i.e. what the attention would give with uniform weights (its value
+    and output projections collapse into one linear map). ``F`` keeps its three blocks and
+    its width, so everything downstream is unchanged; the region and global information
+    still enters, but no longer weighted by its relevance to the spot.
+
     Parameters
     ----------
     spot_dim, region_dim, global_dim
@@ -28,6 +35,8 @@ class MultiLevelFusion(nn.Module):
         Attention heads; must divide ``hidden_dim``.
     dropout
         Dropout on the projections and the attention weights.
+    cross_attention
+        Fuse by cross-attention (default); ``False``: by mean-pooled tokens (see above).
     """
 
     def __init__(
@@ -39,20 +48,26 @@ class MultiLevelFusion(nn.Module):
         hidden_dim: int = 128,
         n_heads: int = 4,
         dropout: float = 0.1,
+        cross_attention: bool = True,
     ) -> None:
         super().__init__()
         if hidden_dim % n_heads:
             raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by n_heads ({n_heads}).")
         self.hidden_dim = hidden_dim
+        self.cross_attention = bool(cross_attention)
         self.proj_spot = _projection(spot_dim, hidden_dim, dropout)
         self.proj_region = _projection(region_dim, hidden_dim, dropout)
         self.proj_global = _projection(global_dim, hidden_dim, dropout)
-        self.attn_region = nn.MultiheadAttention(
-            hidden_dim, n_heads, dropout=dropout, batch_first=True
-        )
-        self.attn_global = nn.MultiheadAttention(
-            hidden_dim, n_heads, dropout=dropout, batch_first=True
-        )
+        if self.cross_attention:
+            self.attn_region = nn.MultiheadAttention(
+                hidden_dim, n_heads, dropout=dropout, batch_first=True
+            )
+            self.attn_global = nn.MultiheadAttention(
+                hidden_dim, n_heads, dropout=dropout, batch_first=True
+            )
+        else:
+            self.pool_region = nn.Linear(hidden_dim, hidden_dim)
+            self.pool_global = nn.Linear(hidden_dim, hidden_dim)
 
     @property
     def out_dim(self) -> int:
@@ -75,9 +90,10 @@ class MultiLevelFusion(nn.Module):
             ``(n, spot_dim)`` spot-level embeddings.
         region_tokens, global_tokens
             ``(n, n_tokens, dim)`` token grids of the region and global windows
-            (``n_tokens >= 2``).
+            (``n_tokens >= 2`` with cross-attention).
         return_attention
-            Also return the attention weights, ``(n, n_heads, n_tokens)`` per level.
+            Also return the attention weights, ``(n, n_heads, n_tokens)`` per level (only
+            with cross-attention).
 
         Returns
         -------
@@ -87,13 +103,18 @@ class MultiLevelFusion(nn.Module):
         ``attention_region`` / ``attention_global``.
         """
         n = spot.shape[0]
+        if return_attention and not self.cross_attention:
+            raise ValueError(
+                "return_attention=True needs cross-attention; this fusion was built with "
+                "cross_attention=False (mean-pooled tokens, no attention weights)."
+            )
         for name, tokens in (("region", region_tokens), ("global", global_tokens)):
             if tokens.ndim != 3 or tokens.shape[0] != n:
                 raise ValueError(
                     f"{name}_tokens must have shape (n_spots={n}, n_tokens, dim), got "
                     f"{tuple(tokens.shape)}."
                 )
-            if tokens.shape[1] < 2:
+            if self.cross_attention and tokens.shape[1] < 2:
                 raise ValueError(
                     f"{name}_tokens has a single token per spot; cross-attention over one key "
                     "is a no-op. Extract features with a token grid (e.g. 2x2 or more) per "
@@ -102,6 +123,11 @@ class MultiLevelFusion(nn.Module):
         f_s = self.proj_spot(spot)
         t_r = self.proj_region(region_tokens)
         t_g = self.proj_global(global_tokens)
+        out = {"spot": f_s, "region": t_r.mean(1), "global": t_g.mean(1)}
+        if not self.cross_attention:
+            f_r, f_g = self.pool_region(out["region"]), self.pool_global(out["global"])
+            out["fused"] = torch.cat([f_s, f_r, f_g], dim=-1)
+            return out
         query = f_s.unsqueeze(1)
         f_r, w_r = self.attn_region(
             query, t_r, t_r, need_weights=return_attention, average_attn_weights=False
@@ -109,12 +135,7 @@ class MultiLevelFusion(nn.Module):
         f_g, w_g = self.attn_global(
             query, t_g, t_g, need_weights=return_attention, average_attn_weights=False
         )
-        out = {
-            "fused": torch.cat([f_s, f_r.squeeze(1), f_g.squeeze(1)], dim=-1),
-            "spot": f_s,
-            "region": t_r.mean(1),
-            "global": t_g.mean(1),
-        }
+        out["fused"] = torch.cat([f_s, f_r.squeeze(1), f_g.squeeze(1)], dim=-1)
         if return_attention:
             out["attention_region"] = w_r.squeeze(2)
             out["attention_global"] = w_g.squeeze(2)

@@ -8,7 +8,7 @@ from torch_geometric.nn import GATv2Conv
 
 from asign_sc.models._fusion import MultiLevelFusion
 
-__all__ = ["MSAGNet", "SpatialGraphAttention"]
+__all__ = ["MSAGNet", "SpatialGraphAttention", "SpotwiseLayers"]
 
 LEVELS = ("spot", "region", "global")
 
@@ -93,6 +93,49 @@ class SpatialGraphAttention(nn.Module):
         return self.out(torch.cat(rounds, dim=-1))
 
 
+class SpotwiseLayers(nn.Module):
+    """Stand-in for :class:`SpatialGraphAttention` without message passing.
+
+    The paper's "w.o GAT" ablation (Table II): every graph-attention round is replaced by a
+    linear layer of the same width applied to each spot on its own (ELU and dropout as
+    before), the rounds' outputs are concatenated and projected back to ``hidden_dim``
+    exactly as in :class:`SpatialGraphAttention`. A spot's output therefore depends on its
+    own features only; the 3D graph is still used by the cross-layer imputation.
+
+    Parameters
+    ----------
+    in_dim
+        Node feature size.
+    hidden_dim
+        Output size of every layer.
+    n_layers
+        Number of layers (the depth of the graph attention it replaces).
+    dropout
+        Dropout between layers.
+    """
+
+    def __init__(
+        self, in_dim: int, *, hidden_dim: int = 128, n_layers: int = 3, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be at least 1, got {n_layers}.")
+        dims = [in_dim] + [hidden_dim] * (n_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(d, hidden_dim) for d in dims)
+        self.act = nn.ELU()
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(n_layers * hidden_dim, hidden_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(n, in_dim)`` node features -> ``(n, hidden_dim)`` embeddings, spot by spot."""
+        rounds = []
+        h = x
+        for layer in self.layers:
+            h = self.dropout(self.act(layer(h)))
+            rounds.append(h)
+        return self.out(torch.cat(rounds, dim=-1))
+
+
 class MSAGNet(nn.Module):
     """Multi-level spatial-aware graph network of ASIGN.
 
@@ -101,6 +144,12 @@ class MSAGNet(nn.Module):
     Transformer encoder layer then attends across the three streams (graph output, region
     stream, global stream) of each spot, and one linear regression head per level predicts
     spot, region and global expression.
+
+    Two switches remove a block for the paper's ablations (Table II), keeping every width:
+    ``cross_attention=False`` fuses the levels without attention (mean-pooled tokens, see
+    :class:`~asign_sc.models.MultiLevelFusion`); ``graph_attention=False`` replaces the
+    graph attention by :class:`SpotwiseLayers` of the same depth and width, so the network
+    sees no neighbours (the transformer across a spot's own three streams stays).
 
     Parameters
     ----------
@@ -111,11 +160,16 @@ class MSAGNet(nn.Module):
     hidden_dim
         Width of every hidden representation.
     n_gat_layers
-        Graph-attention rounds (paper: 3).
+        Graph-attention rounds (paper: 3); without graph attention, the number of
+        spot-wise layers replacing them.
     n_heads
         Heads of the cross-attention, graph-attention and transformer layers.
     dropout
         Dropout everywhere.
+    cross_attention
+        Fuse the levels by cross-attention (default) or by mean-pooled tokens.
+    graph_attention
+        Spread features over the 3D graph by graph attention (default) or not at all.
     """
 
     def __init__(
@@ -129,6 +183,8 @@ class MSAGNet(nn.Module):
         n_gat_layers: int = 3,
         n_heads: int = 4,
         dropout: float = 0.1,
+        cross_attention: bool = True,
+        graph_attention: bool = True,
     ) -> None:
         super().__init__()
         self.fusion = MultiLevelFusion(
@@ -138,14 +194,21 @@ class MSAGNet(nn.Module):
             hidden_dim=hidden_dim,
             n_heads=n_heads,
             dropout=dropout,
+            cross_attention=cross_attention,
         )
-        self.gat = SpatialGraphAttention(
-            self.fusion.out_dim,
-            hidden_dim=hidden_dim,
-            n_layers=n_gat_layers,
-            n_heads=n_heads,
-            dropout=dropout,
-        )
+        self.graph_attention = bool(graph_attention)
+        if self.graph_attention:
+            self.gat = SpatialGraphAttention(
+                self.fusion.out_dim,
+                hidden_dim=hidden_dim,
+                n_layers=n_gat_layers,
+                n_heads=n_heads,
+                dropout=dropout,
+            )
+        else:
+            self.spotwise = SpotwiseLayers(
+                self.fusion.out_dim, hidden_dim=hidden_dim, n_layers=n_gat_layers, dropout=dropout
+            )
         self.level_embedding = nn.Parameter(torch.zeros(3, hidden_dim))
         self.transformer = nn.TransformerEncoderLayer(
             hidden_dim,
@@ -182,7 +245,8 @@ class MSAGNet(nn.Module):
         region_tokens, global_tokens
             ``(n, n_tokens, dim)`` token grids.
         edge_index, edge_weight
-            The 3D graph, see :class:`SpatialGraphAttention`.
+            The 3D graph, see :class:`SpatialGraphAttention` (unused without graph
+            attention).
 
         Returns
         -------
@@ -191,7 +255,10 @@ class MSAGNet(nn.Module):
         weights and the blend of cross-layer imputation).
         """
         fused = self.fusion(spot, region_tokens, global_tokens)
-        graph = self.gat(fused["fused"], edge_index, edge_weight)
+        if self.graph_attention:
+            graph = self.gat(fused["fused"], edge_index, edge_weight)
+        else:
+            graph = self.spotwise(fused["fused"])
         streams = torch.stack([graph, fused["region"], fused["global"]], dim=1)
         streams = self.transformer(streams + self.level_embedding)
         out = {level: self.heads[level](streams[:, i]) for i, level in enumerate(LEVELS)}

@@ -292,6 +292,8 @@ def fit_asign(
     n_gat_layers: int = 3,
     n_heads: int = 4,
     dropout: float = 0.1,
+    cross_attention: bool = True,
+    graph_attention: bool = True,
     n_iterations: int = 10,
     learn_node_weights: bool = True,
     n_models: int = 3,
@@ -361,6 +363,19 @@ def fit_asign(
         (slower, and more prone to over-fit a single known section).
     hidden_dim, n_gat_layers, n_heads, dropout
         Architecture of :class:`~asign_sc.models.MSAGNet`.
+    cross_attention
+        Fuse the spot, region and global features by cross-attention (default, eq. 2-3).
+        ``False`` is the paper's "w.o Cross-atten" ablation: ``f'_s`` and ``f''_s`` become
+        a linear map of the mean region and global token (attention with uniform weights),
+        so the region/global context still enters but not weighted by relevance to the spot.
+    graph_attention
+        Spread features over the 3D graph by ``n_gat_layers`` GATv2 rounds (default, eq.
+        4). ``False`` is the paper's "w.o GAT" ablation: the rounds become spot-wise linear
+        layers of the same depth and width (:class:`~asign_sc.models.SpotwiseLayers`), so
+        the network predicts each spot from its own images; the cross-layer imputation
+        still propagates over the graph. Both switches are stored in the model, and
+        :func:`asign_sc.tl.impute` and :meth:`~asign_sc.models.ASIGNModel.load` rebuild
+        the same architecture.
     n_iterations
         Propagation steps ``T`` of cross-layer imputation (paper: 10).
     learn_node_weights
@@ -423,6 +438,15 @@ def fit_asign(
         raise ValueError(f"n_models must be at least 1, got {n_models}.")
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}.")
+    for name, value in (("cross_attention", cross_attention), ("graph_attention", graph_attention)):
+        if not isinstance(value, bool | np.bool_):
+            raise TypeError(f"{name} must be True or False, got {value!r}.")
+    if n_gat_layers < 1:
+        what = "graph-attention rounds" if graph_attention else "spot-wise layers"
+        raise ValueError(
+            f"n_gat_layers must be at least 1 (the number of {what}), got {n_gat_layers}. "
+            "To train without graph attention pass graph_attention=False."
+        )
     if len(known_sections) == len(stack) and len(stack) > 1:
         logger.warning("Every section is known; there is nothing to impute across sections.")
     if genes is None:
@@ -456,6 +480,8 @@ def fit_asign(
             "n_gat_layers": n_gat_layers,
             "n_heads": n_heads,
             "dropout": dropout,
+            "cross_attention": bool(cross_attention),
+            "graph_attention": bool(graph_attention),
             "n_iterations": n_iterations,
             "learn_node_weights": learn_node_weights,
             "n_components": n_components,

@@ -12,6 +12,12 @@ def _net(toy, **kw):
     return ASIGNNet(*toy.dims, toy.n_genes, hidden_dim=16, n_heads=2, n_gat_layers=2, **kw)
 
 
+def _arch(toy, **kw):
+    """Architecture settings of a small network on the toy features."""
+    dims = dict(zip(("spot_dim", "region_dim", "global_dim"), toy.dims, strict=True))
+    return {**dims, "n_genes": toy.n_genes, "hidden_dim": 16, "n_heads": 2, "n_gat_layers": 2, **kw}
+
+
 def _args(toy):
     return (toy.spot, toy.region, toy.glob, toy.edge_index, toy.edge_weight, toy.adjacency)
 
@@ -63,16 +69,7 @@ def test_pca_reduction_matches_svd_and_is_saved(toy, tmp_path):
 
 def test_model_save_load_weights_only(toy, tmp_path):
     settings = {
-        "architecture": {
-            "spot_dim": toy.dims[0],
-            "region_dim": toy.dims[1],
-            "global_dim": toy.dims[2],
-            "n_genes": toy.n_genes,
-            "hidden_dim": 16,
-            "n_heads": 2,
-            "n_gat_layers": 2,
-            "n_components": 4,
-        },
+        "architecture": _arch(toy, n_components=4),
         "genes": [f"g{i}" for i in range(toy.n_genes)],
     }
     model = ASIGNModel.from_settings(settings)
@@ -113,3 +110,35 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("switches", "absent"),
+    [
+        ({"cross_attention": False}, ".attn_"),
+        ({"graph_attention": False}, ".gat."),
+        ({"cross_attention": False, "graph_attention": False}, ".attn_"),
+    ],
+)
+def test_ablated_architecture_is_rebuilt_from_a_checkpoint(toy, tmp_path, switches, absent):
+    arch = _arch(toy, n_models=2, **switches)
+    torch.manual_seed(0)
+    model = ASIGNModel.from_settings({"architecture": arch, "genes": []})
+    state = model.net.state_dict()
+    assert not any(absent in k for k in state)
+    assert "without=" in repr(model)
+    loaded = ASIGNModel.load(model.save(tmp_path / "m.pt"))
+    assert loaded.settings["architecture"] == arch
+    assert loaded.net.state_dict().keys() == state.keys()
+    model.net.eval()
+    a = model.net(*_args(toy), toy.values, toy.known)
+    b = loaded.net(*_args(toy), toy.values, toy.known)
+    torch.testing.assert_close(a["prediction"], b["prediction"])
+
+
+def test_settings_without_switches_build_the_full_network(toy):
+    """Checkpoints written before the ablation switches existed load as the full network."""
+    arch = {"spot_dim": 8, "region_dim": 8, "global_dim": 8, "n_genes": 3, "hidden_dim": 8}
+    net = ASIGNModel.from_settings({"architecture": arch}).net.members[0].network
+    assert net.graph_attention and net.fusion.cross_attention
+    assert "without=" not in repr(ASIGNModel.from_settings({"architecture": arch}))

@@ -43,3 +43,32 @@ def test_fusion_rejects_single_token(toy):
 def test_fusion_rejects_bad_heads():
     with pytest.raises(ValueError, match="divisible"):
         MultiLevelFusion(4, 4, 4, hidden_dim=10, n_heads=4)
+
+
+def test_fusion_without_cross_attention_mean_pools_tokens(toy):
+    torch.manual_seed(0)
+    fusion = MultiLevelFusion(
+        *toy.dims, hidden_dim=16, n_heads=2, dropout=0.0, cross_attention=False
+    ).eval()
+    assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in fusion.modules())
+    out = fusion(toy.spot, toy.region, toy.glob)
+    assert out["fused"].shape == (toy.n, 48) and fusion.out_dim == 48
+    # f'_s is a linear map of the mean projected token: attention with uniform weights
+    torch.testing.assert_close(out["fused"][:, 16:32], fusion.pool_region(out["region"]))
+    torch.testing.assert_close(out["fused"][:, 32:], fusion.pool_global(out["global"]))
+    # one token per window is fine without attention
+    assert fusion(toy.spot, toy.region[:, :1], toy.glob[:, :1])["fused"].shape == (toy.n, 48)
+    with pytest.raises(ValueError, match="cross_attention=False"):
+        fusion(toy.spot, toy.region, toy.glob, return_attention=True)
+
+
+@pytest.mark.parametrize("cross_attention", [True, False])
+def test_region_block_depends_on_the_spot_query_only_with_cross_attention(toy, cross_attention):
+    torch.manual_seed(0)
+    fusion = MultiLevelFusion(
+        *toy.dims, hidden_dim=16, n_heads=2, dropout=0.0, cross_attention=cross_attention
+    ).eval()
+    a = fusion(toy.spot, toy.region, toy.glob)["fused"]
+    b = fusion(toy.spot + 1.0, toy.region, toy.glob)["fused"]
+    assert not torch.allclose(a[:, :16], b[:, :16])
+    assert torch.allclose(a[:, 16:], b[:, 16:]) is not cross_attention

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
-from asign_sc.models import MSAGNet, SpatialGraphAttention
+from asign_sc.models import MSAGNet, SpatialGraphAttention, SpotwiseLayers
 
 
 def _net(toy, **kw):
@@ -62,3 +63,40 @@ def test_msagnet_set_output_bias(toy):
     mean = torch.arange(toy.n_genes, dtype=torch.float32)
     net.set_output_bias({"spot": mean})
     torch.testing.assert_close(net.heads["spot"].bias.detach(), mean)
+
+
+def test_without_graph_attention_no_message_passing(toy):
+    from torch_geometric.nn import GATv2Conv
+
+    torch.manual_seed(0)
+    net = _net(toy, graph_attention=False, dropout=0.0).eval()
+    assert not any(isinstance(m, GATv2Conv) for m in net.modules())
+    assert isinstance(net.spotwise, SpotwiseLayers) and len(net.spotwise.layers) == 3
+    a = net(toy.spot, toy.region, toy.glob, toy.edge_index, toy.edge_weight)
+    # another spot's features never change a spot's output, even its graph neighbours'
+    x = toy.spot.clone()
+    x[0] += 5.0
+    b = net(x, toy.region, toy.glob, toy.edge_index, toy.edge_weight)
+    changed = (a["spot"] - b["spot"]).abs().sum(1) > 1e-6
+    assert changed[0] and not changed[1:].any()
+    # the graph is not read at all
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    c = net(toy.spot, toy.region, toy.glob, empty, torch.zeros(0))
+    torch.testing.assert_close(a["spot"], c["spot"])
+    # the full network does spread the change to the neighbours of spot 0
+    full = _net(toy, dropout=0.0).eval()
+    d = full(toy.spot, toy.region, toy.glob, toy.edge_index, toy.edge_weight)["spot"]
+    e = full(x, toy.region, toy.glob, toy.edge_index, toy.edge_weight)["spot"]
+    neighbours = toy.edge_index[1][toy.edge_index[0] == 0]
+    assert ((d - e)[neighbours].abs().sum(1) > 1e-6).all()
+
+
+def test_switches_keep_every_width(toy):
+    torch.manual_seed(0)
+    for kw in ({"cross_attention": False}, {"graph_attention": False}):
+        net = _net(toy, **kw).eval()
+        out = net(toy.spot, toy.region, toy.glob, toy.edge_index, toy.edge_weight)
+        assert out["embedding"].shape == (toy.n, 32)
+        assert out["spot"].shape == (toy.n, toy.n_genes)
+    with pytest.raises(ValueError, match="n_layers"):
+        SpotwiseLayers(8, hidden_dim=8, n_layers=0)

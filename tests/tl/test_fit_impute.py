@@ -263,6 +263,70 @@ def test_fit_errors(stack):
         fit_asign(stack.copy(), known_sections=["S0"], validation_fraction=0, **FAST)
 
 
+def _fit_ablated(adata: ad.AnnData, **switches: bool) -> ASIGNModel:
+    kw = {**FAST, "epochs": 4, "n_top_genes": 8, "device": "cpu"}
+    return fit_asign(adata, known_sections=["S0"], **kw, **switches)
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        {"cross_attention": False},
+        {"graph_attention": False},
+        {"cross_attention": False, "graph_attention": False},
+    ],
+)
+def test_ablated_models_fit_impute_and_round_trip(stack, tmp_path, switches):
+    from torch_geometric.nn import GATv2Conv
+
+    adata = stack.copy()
+    model = _fit_ablated(adata, **switches)
+    arch = model.settings["architecture"]
+    assert arch["cross_attention"] is switches.get("cross_attention", True)
+    assert arch["graph_attention"] is switches.get("graph_attention", True)
+    modules = list(model.net.modules())
+    fusion = model.net.members[0].network.fusion
+    has_attention = any(isinstance(m, torch.nn.MultiheadAttention) for m in fusion.modules())
+    assert has_attention is arch["cross_attention"]
+    assert any(isinstance(m, GATv2Conv) for m in modules) is arch["graph_attention"]
+    impute(adata, model, key_added="before", layer_added="before")
+    loaded = ASIGNModel.load(model.save(tmp_path / "ablated.pt"))
+    impute(adata, loaded, key_added="after", layer_added="after")
+    before = adata.obsm["before"].to_numpy()
+    np.testing.assert_array_equal(before, adata.obsm["after"].to_numpy())
+    assert np.isfinite(before).all()
+    known = (adata.obs.section == "S0").to_numpy()
+    np.testing.assert_allclose(before[known], truth_of(adata, model.genes)[known], atol=1e-5)
+    assert adata.uns["asign"]["fit"]["architecture"]["graph_attention"] == arch["graph_attention"]
+
+
+def test_without_graph_attention_the_network_ignores_other_spots_images(stack):
+    adata = stack.copy()
+    model = _fit_ablated(adata, graph_attention=False)
+    impute(adata, model, method="network", key_added="a", layer_added="a")
+    edited = adata.copy()
+    edited.obsm["X_asign_spot"][0] += 10.0  # one spot of S0; its 3D neighbours keep their own
+    impute(edited, model, method="network", key_added="b", layer_added="b")
+    changed = np.abs(adata.obsm["a"].to_numpy() - edited.obsm["b"].to_numpy()).sum(1) > 1e-5
+    # section standardisation shifts S0's features slightly for all its spots, not others'
+    other = (adata.obs.section != "S0").to_numpy()
+    assert changed[0] and not changed[other].any()
+
+
+def test_ablation_switch_errors(stack):
+    with pytest.raises(ValueError, match="graph_attention=False"):
+        fit_asign(stack.copy(), known_sections=["S0"], **{**FAST, "n_gat_layers": 0})
+    with pytest.raises(ValueError, match="spot-wise layers"):
+        fit_asign(
+            stack.copy(),
+            known_sections=["S0"],
+            graph_attention=False,
+            **{**FAST, "n_gat_layers": 0},
+        )
+    with pytest.raises(TypeError, match="cross_attention must be True or False"):
+        fit_asign(stack.copy(), known_sections=["S0"], cross_attention="no", **FAST)
+
+
 # -- impute --------------------------------------------------------------------------------
 def test_impute_writes_layers_obsm_var_uns(fitted, tmp_path):
     adata, model = fitted
