@@ -7,13 +7,14 @@
    mean profile, overlap, similarity, propagation (no model), network alone and full ASIGN
    (``tl.fit_asign`` defaults), all scored by ``tl.evaluate`` on the unknown sections.
    Learned methods: mean +- std over seeds.
-2. Ablations (``--ablations``, on in the full mode) that the package exposes as parameters:
-   2D graph (within-section edges only, ``gr.split_graph``) vs 3D, no per-section feature
-   standardisation, fixed propagation node weights (``learn_node_weights=False``), network
-   without cross-layer imputation (``method="network"``), and 10/20/50% of the known
-   section's spots (the others dropped from the stack). Not expressible with the package's
-   parameters, so not run: without cross-attention, without graph attention
-   (``n_gat_layers`` must be >= 1).
+2. Ablations (``--ablations``, on in the full mode; on the known sections of
+   ``--ablation-known``, default the last of ``--known``, C4, with every seed): without
+   cross-attention and without graph attention (``fit_asign(cross_attention=False)``,
+   ``graph_attention=False``, and both; the paper's Table II), 2D graph (within-section
+   edges only, ``gr.split_graph``) vs 3D (Table IV), network without cross-layer
+   imputation (``method="network"``) and 10/20/50% of the known section's spots (the
+   others dropped from the stack; Table III), no per-section feature standardisation and
+   fixed propagation node weights (``learn_node_weights=False``).
 3. Expression only, larger scale: patients A, B, D on the authors' aligned coordinates, IoU
    graph, known = first section: mean, overlap, propagation.
 4. Cross-patient (``--cross-patient``, on in the full mode): the patient-C models applied to
@@ -28,7 +29,9 @@ Run from the repository root::
     python benchmarks/accuracy.py --quick   # C2 + C4 known, 1 seed, main methods (minutes)
     python benchmarks/accuracy.py           # 3 seeds, ablations, A/B/D, cross-patient
 
-Writes ``benchmarks/results/accuracy.md`` and ``accuracy.csv`` (``--out`` to change).
+Writes ``benchmarks/results/accuracy.md`` and ``accuracy.csv`` (``--out`` to change) and,
+in the full mode (``--readme``), a short table with the findings into ``README.md``
+between the markers ``<!-- accuracy-table:start -->`` and ``<!-- accuracy-table:end -->``.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ DEFAULT_CACHE = Path("/tmp/asign_sc_bench")
 METRICS = ("pcc_gene", "pcc_spot", "mse", "mae")
 MAIN = "main"
 MODEL_METHODS = ("asign", "network")
+FRACTIONS = (0.1, 0.2, 0.5)
 BASELINES = ("mean", "overlap", "similarity", "propagation")
 ORDER = ("mean", "overlap", "similarity", "propagation", "network", "asign")
 LABELS = {
@@ -176,8 +180,13 @@ def fit_and_score(
     baselines: Sequence[str],
     graph_key: str = "spatial3d",
     edit: Callable | None = None,
+    seeded_baselines: bool = False,
 ) -> tuple[list[dict], object]:
-    """Fit ASIGN with ``known`` measured; score ASIGN, network alone and the baselines."""
+    """Fit ASIGN with ``known`` measured; score ASIGN, network alone and the baselines.
+
+    ``seeded_baselines``: the baselines depend on ``seed`` too (``edit`` draws a random
+    subset of spots with it), so they are summarised over seeds like the learned methods.
+    """
     from asign_sc import tl
 
     adata = base.copy()
@@ -207,7 +216,8 @@ def fit_and_score(
         )
         labels = {"known": known, "variant": variant, "seed": seed}
         for row in tidy(scores, **labels):
-            row["seed"] = seed if row["method"] in MODEL_METHODS else np.nan
+            seeded = seeded_baselines or row["method"] in MODEL_METHODS
+            row["seed"] = seed if seeded else np.nan
             rows.append(row)
     logger.info("  %s known=%s seed=%d: fit %.0f s", variant, known, seed, seconds)
     return rows, model
@@ -237,16 +247,61 @@ def keep_fraction(known: str, fraction: float, seed: int):
     return edit
 
 
+def ablations(known: str, seed: int) -> list[dict]:
+    """The ablation settings: ``fit_and_score`` arguments beside ``variant``.
+
+    Functional blocks (paper Table II), graph construction (Table IV), CLI and the share
+    of known labels (Table III; "no cross-layer imputation" is the main rows' network
+    alone, 100% of known spots the main rows), and two of this package's own choices.
+    """
+    settings = [
+        {"variant": "no cross-attention", "fit_kwargs": {"cross_attention": False}},
+        {"variant": "no graph attention", "fit_kwargs": {"graph_attention": False}},
+        {
+            "variant": "no cross-attention, no graph attention",
+            "fit_kwargs": {"cross_attention": False, "graph_attention": False},
+        },
+        {
+            "variant": "2D graph (within-section edges)",
+            "graph_key": "spatial2d",
+            "edit": within_only,
+            "baselines": ("propagation",),
+        },
+        {
+            "variant": "no per-section feature standardisation",
+            "fit_kwargs": {"standardize_features": None},
+        },
+        {"variant": "fixed node weights", "fit_kwargs": {"learn_node_weights": False}},
+    ]
+    for fraction in FRACTIONS:
+        settings.append(
+            {
+                "variant": fraction_variant(fraction),
+                "edit": keep_fraction(known, fraction, seed),
+                "baselines": ("mean", "propagation"),
+                "seeded_baselines": True,
+            }
+        )
+    return settings
+
+
+def fraction_variant(fraction: float) -> str:
+    return f"{fraction:.0%} of known spots"
+
+
 def run_patient_c(
     base,
     knowns: Sequence[str],
     seeds: Sequence[int],
     *,
-    ablations: bool,
+    ablation_knowns: Sequence[str],
     fit_kwargs: dict,
     ablation_seeds: int | None = None,
 ):
-    """Main comparison and ablations on patient C; rows and the first seed's models."""
+    """Main comparison on every known section, ablations on ``ablation_knowns``.
+
+    Returns the rows and the first seed's model per known section.
+    """
     rows, models = [], {}
     for known in knowns:
         for i, seed in enumerate(seeds):
@@ -260,43 +315,20 @@ def run_patient_c(
             )
             rows += new
             models.setdefault(known, model)
-            if not ablations or (ablation_seeds is not None and i >= ablation_seeds):
+            if known not in ablation_knowns or (ablation_seeds is not None and i >= ablation_seeds):
                 continue
-            rows += fit_and_score(
-                base,
-                known,
-                seed,
-                variant="2D graph (within-section edges)",
-                fit_kwargs=fit_kwargs,
-                baselines=("propagation",) if i == 0 else (),
-                graph_key="spatial2d",
-                edit=within_only,
-            )[0]
-            rows += fit_and_score(
-                base,
-                known,
-                seed,
-                variant="no per-section feature standardisation",
-                fit_kwargs={**fit_kwargs, "standardize_features": None},
-                baselines=(),
-            )[0]
-            rows += fit_and_score(
-                base,
-                known,
-                seed,
-                variant="fixed node weights",
-                fit_kwargs={**fit_kwargs, "learn_node_weights": False},
-                baselines=(),
-            )[0]
-            for fraction in (0.1, 0.2, 0.5):
+            for setting in ablations(known, seed):
+                seeded = setting.get("seeded_baselines", False)
                 rows += fit_and_score(
                     base,
                     known,
                     seed,
-                    variant=f"{fraction:.0%} of known spots",
-                    fit_kwargs=fit_kwargs,
-                    baselines=("mean", "propagation"),
-                    edit=keep_fraction(known, fraction, seed),
+                    variant=setting["variant"],
+                    fit_kwargs={**fit_kwargs, **setting.get("fit_kwargs", {})},
+                    baselines=setting.get("baselines", ()) if seeded or i == 0 else (),
+                    graph_key=setting.get("graph_key", "spatial3d"),
+                    edit=setting.get("edit"),
+                    seeded_baselines=seeded,
                 )[0]
     return rows, models
 
@@ -415,62 +447,111 @@ def markdown_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _spread(row: pd.Series, metric: str) -> float:
+    """Std over seeds of a summary row (0 for deterministic rows)."""
+    std = row[f"{metric}_std"]
+    return float(std) if row["n_seeds"] > 1 and np.isfinite(std) else 0.0
+
+
+def _margin(a: pd.Series, b: pd.Series, metric: str) -> str:
+    """Whether ``a - b`` exceeds the two rows' seed spreads (sum of their stds)."""
+    spread = _spread(a, metric) + _spread(b, metric)
+    if spread == 0:
+        return ""
+    within = abs(a[f"{metric}_mean"] - b[f"{metric}_mean"]) <= spread
+    return ", within the seed spread" if within else ", beyond the seed spread"
+
+
+def _main_findings(dataset: str, known: str, group: pd.DataFrame) -> str | None:
+    if "asign" not in group.index:
+        if "propagation" in group.index:
+            best = group["pcc_gene_mean"].idxmax()
+            return (
+                f"{dataset}, known {known}: best per-gene PCC {LABELS[best]} "
+                f"({group.loc[best, 'pcc_gene_mean']:.3f}); the mean profile reaches "
+                f"per-spot PCC {group.loc['mean', 'pcc_spot_mean']:.3f} with per-gene PCC 0."
+            )
+        if "network" in group.index:
+            net, mean = group.loc["network"], group.loc["mean"]
+            return (
+                f"{dataset}, model known {known}: image-only per-gene PCC "
+                f"{_cell(net, 'pcc_gene')}, per-spot PCC {_cell(net, 'pcc_spot')} vs the mean "
+                f"profile's {mean['pcc_spot_mean']:.3f} (MSE {_cell(net, 'mse')} vs "
+                f"{mean['mse_mean']:.3f})."
+            )
+        return None
+    a = group.loc["asign"]
+    others = group.drop(index="asign")
+    sentence = [f"{dataset}, known {known}:"]
+    for metric, name, higher in (
+        ("pcc_gene", "per-gene PCC", True),
+        ("pcc_spot", "per-spot PCC", True),
+        ("mse", "MSE", False),
+    ):
+        col = f"{metric}_mean"
+        best = others[col].idxmax() if higher else others[col].idxmin()
+        other = others.loc[best]
+        diff = a[col] - other[col]
+        wins = diff > 0 if higher else diff < 0
+        sentence.append(
+            f"{name} ASIGN {_cell(a, metric)} vs best other {LABELS[best]} "
+            f"{_cell(other, metric)} ({'wins' if wins else 'does not win'}, {diff:+.3f}"
+            f"{_margin(a, other, metric)});"
+        )
+    if "mean" in group.index:
+        mean_spot = group.loc["mean", "pcc_spot_mean"]
+        sentence.append(f"the mean profile alone scores per-spot PCC {mean_spot:.3f}.")
+    return " ".join(sentence)
+
+
+def _ablation_findings(summary: pd.DataFrame) -> list[str]:
+    out = []
+    keys = ["dataset", "known", "variant", "method"]
+    rows = summary.set_index(keys)
+    ablated = summary[(summary["variant"] != MAIN) & (summary["method"] == "asign")]
+    for (dataset, known), group in ablated.groupby(["dataset", "known"], sort=False):
+        full = rows.loc[(dataset, known, MAIN, "asign")]
+        network = rows.loc[(dataset, known, MAIN, "network")]
+        out.append(
+            f"No cross-layer imputation (network alone, known {known}): per-gene PCC "
+            f"{_cell(network, 'pcc_gene')} vs {_cell(full, 'pcc_gene')} for full ASIGN "
+            f"({network['pcc_gene_mean'] - full['pcc_gene_mean']:+.3f}"
+            f"{_margin(network, full, 'pcc_gene')}); per-spot PCC "
+            f"{_cell(network, 'pcc_spot')} vs {_cell(full, 'pcc_spot')}."
+        )
+        for _, row in group.iterrows():
+            delta = row["pcc_gene_mean"] - full["pcc_gene_mean"]
+            line = (
+                f"Ablation '{row['variant']}' (known {known}): ASIGN per-gene PCC "
+                f"{_cell(row, 'pcc_gene')} vs {_cell(full, 'pcc_gene')} with everything "
+                f"({delta:+.3f}{_margin(row, full, 'pcc_gene')})"
+            )
+            propagation = (dataset, known, row["variant"], "propagation")
+            if propagation in rows.index and row["variant"] != MAIN:
+                prop = rows.loc[propagation]
+                diff = row["pcc_gene_mean"] - prop["pcc_gene_mean"]
+                line += (
+                    f"; propagation alone in the same setting {_cell(prop, 'pcc_gene')} "
+                    f"(ASIGN {'wins' if diff > 0 else 'does not win'}, {diff:+.3f}"
+                    f"{_margin(row, prop, 'pcc_gene')})"
+                )
+            out.append(line + ".")
+    return out
+
+
 def findings(summary: pd.DataFrame) -> list[str]:
-    """Plain sentences computed from the summary: where ASIGN wins and where it does not."""
+    """Plain sentences computed from the summary: where ASIGN wins and where it does not.
+
+    A difference smaller than the sum of the two rows' seed stds is called "within the
+    seed spread": with 3 seeds it is not a reliable win or loss.
+    """
     out = []
     main = summary[summary["variant"] == MAIN].set_index(["dataset", "known", "method"])
     for (dataset, known), group in main.groupby(level=[0, 1], sort=False):
-        group = group.droplevel([0, 1])
-        if "asign" not in group.index:
-            if "propagation" in group.index:
-                best = group["pcc_gene_mean"].idxmax()
-                out.append(
-                    f"{dataset}, known {known}: best per-gene PCC {LABELS[best]} "
-                    f"({group.loc[best, 'pcc_gene_mean']:.3f}); the mean profile reaches "
-                    f"per-spot PCC {group.loc['mean', 'pcc_spot_mean']:.3f} with per-gene PCC 0."
-                )
-            elif "network" in group.index:
-                net, mean = group.loc["network"], group.loc["mean"]
-                out.append(
-                    f"{dataset}, model known {known}: image-only per-gene PCC "
-                    f"{net['pcc_gene_mean']:.3f}, per-spot PCC {net['pcc_spot_mean']:.3f} vs the "
-                    f"mean profile's {mean['pcc_spot_mean']:.3f} (MSE {net['mse_mean']:.3f} vs "
-                    f"{mean['mse_mean']:.3f})."
-                )
-            continue
-        a = group.loc["asign"]
-        others = group.drop(index="asign")
-        sentence = [f"{dataset}, known {known}:"]
-        for metric, name, higher in (
-            ("pcc_gene", "per-gene PCC", True),
-            ("pcc_spot", "per-spot PCC", True),
-            ("mse", "MSE", False),
-        ):
-            col = f"{metric}_mean"
-            best = others[col].idxmax() if higher else others[col].idxmin()
-            diff = a[col] - others.loc[best, col]
-            wins = diff > 0 if higher else diff < 0
-            sentence.append(
-                f"{name} ASIGN {a[col]:.3f} vs best other {LABELS[best]} "
-                f"{others.loc[best, col]:.3f} ({'wins' if wins else 'does not win'}, "
-                f"{diff:+.3f});"
-            )
-        if "mean" in group.index:
-            mean_spot = group.loc["mean", "pcc_spot_mean"]
-            sentence.append(f"the mean profile alone scores per-spot PCC {mean_spot:.3f}.")
-        out.append(" ".join(sentence))
-    full = summary[(summary["variant"] == MAIN) & (summary["method"] == "asign")]
-    ablated = summary[(summary["variant"] != MAIN) & (summary["method"] == "asign")]
-    for _, row in ablated.iterrows():
-        ref = full[(full["dataset"] == row["dataset"]) & (full["known"] == row["known"])]
-        if ref.empty:
-            continue
-        delta = row["pcc_gene_mean"] - ref["pcc_gene_mean"].iloc[0]
-        out.append(
-            f"Ablation '{row['variant']}' (known {row['known']}): ASIGN per-gene PCC "
-            f"{row['pcc_gene_mean']:.3f} ({delta:+.3f} vs the full setting)."
-        )
-    return out
+        line = _main_findings(dataset, known, group.droplevel([0, 1]))
+        if line is not None:
+            out.append(line)
+    return out + _ablation_findings(summary)
 
 
 def write_report(
@@ -493,7 +574,8 @@ def write_report(
         "highest mean count). Per-gene PCC: correlation across spots per gene, averaged "
         "(primary; a constant prediction such as the mean profile scores 0). Per-spot PCC: "
         "correlation across genes per spot (the paper's metric, dominated by the average "
-        "profile). Learned methods: mean ± std over seeds; baselines are deterministic.",
+        "profile). Learned methods: mean ± std over seeds; baselines are deterministic "
+        "(except beside a random subset of known spots, drawn per seed).",
         "",
         markdown_table(summary),
         "",
@@ -507,6 +589,76 @@ def write_report(
     (out / "accuracy.md").write_text("\n".join(text))
     logger.info("wrote %s and %s", out / "accuracy.md", out / "accuracy.csv")
     return summary
+
+
+# -- README block -------------------------------------------------------------------------------
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_START = "<!-- accuracy-table:start -->"
+README_END = "<!-- accuracy-table:end -->"
+
+
+def readme_block(summary: pd.DataFrame, *, dataset: str, command: str) -> str:
+    """Short table for the README: main methods per known section, ASIGN per ablation."""
+    rows = summary[summary["dataset"] == dataset]
+    main = rows[rows["variant"] == MAIN]
+    ablated = rows[(rows["variant"] != MAIN) & (rows["method"] == "asign")]
+    n_seeds = int(main.loc[main["method"] == "asign", "n_seeds"].max())
+    lines = [
+        f"<!-- generated by `{command}`; do not edit by hand -->",
+        f"{dataset}, scored on the sections that are not known (per-gene PCC first; "
+        f"learned methods: mean ± std over {n_seeds} seeds; every row, metric and dataset: "
+        "[`benchmarks/results/accuracy.md`](benchmarks/results/accuracy.md)).",
+        "",
+        "| known | method | per-gene PCC | per-spot PCC |",
+        "|---|---|---|---|",
+    ]
+    for _, row in main.iterrows():
+        method = LABELS.get(row["method"], row["method"])
+        lines.append(
+            f"| {row['known']} | {method} | {_cell(row, 'pcc_gene')} | {_cell(row, 'pcc_spot')} |"
+        )
+    for _, row in ablated.iterrows():
+        lines.append(
+            f"| {row['known']} | ASIGN, {row['variant']} | {_cell(row, 'pcc_gene')} | "
+            f"{_cell(row, 'pcc_spot')} |"
+        )
+    lines += ["", *[f"- {line}" for line in findings(rows)]]
+    return "\n".join(lines)
+
+
+def _readme_parts(path: Path) -> tuple[str, str]:
+    """The README's text before the start marker and after the end marker."""
+    text = path.read_text()
+    if text.count(README_START) != 1 or text.count(README_END) != 1:
+        raise ValueError(
+            f"{path} must hold the markers {README_START!r} and {README_END!r} once each "
+            "(in the 'Status and accuracy' section); add them, or pass --no-readme."
+        )
+    head, rest = text.split(README_START)
+    if README_END not in rest:
+        raise ValueError(f"In {path}, {README_END!r} comes before {README_START!r}; swap them.")
+    return head, rest.split(README_END)[1]
+
+
+def write_readme(path: Path, block: str) -> None:
+    """Replace what lies between the README markers by ``block``; nothing else changes."""
+    head, tail = _readme_parts(path)
+    path.write_text(f"{head}{README_START}\n{block.strip()}\n{README_END}{tail}")
+    logger.info("wrote the accuracy table into %s", path)
+
+
+ABLATION_NOTES = (
+    "Ablations (every other setting as in the main rows): 'no cross-attention': the spot, "
+    "region and global embeddings are fused by a linear map of the mean region/global token "
+    "instead of cross-attention (`fit_asign(cross_attention=False)`, same widths); 'no graph "
+    "attention': the GATv2 rounds become spot-wise linear layers of the same depth and width, "
+    "so the network sees no neighbours, while the cross-layer imputation still propagates over "
+    "the 3D graph (`graph_attention=False`); '2D graph': only within-section edges "
+    "(`gr.split_graph`), so neither the network nor the propagation reaches across sections; "
+    "'no per-section feature standardisation': `standardize_features=None`; 'fixed node "
+    "weights': `learn_node_weights=False`; 'N% of known spots': the known section keeps a "
+    "random N% of its spots (drawn per seed), the others are dropped from the stack.",
+)
 
 
 # -- entry points -------------------------------------------------------------------------------
@@ -533,10 +685,23 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--seeds", type=int, default=None, help="seeds (full 3, quick 1)")
     parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument(
+        "--ablation-known",
+        nargs="+",
+        default=None,
+        help="known sections of the ablations (default the last of --known: C4)",
+    )
+    parser.add_argument(
         "--ablation-seeds", type=int, default=None, help="run ablations on the first N seeds only"
     )
     parser.add_argument("--cross-patient", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--expression-only", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument(
+        "--readme",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write the short table into README.md between its markers (full mode only)",
+    )
+    parser.add_argument("--readme-path", type=Path, default=README)
     parser.add_argument("--her2st", type=Path, default=HER2ST)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -553,6 +718,9 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     ablations = full if args.ablations is None else args.ablations
     cross = full if args.cross_patient is None else args.cross_patient
     expression = (not args.synthetic) if args.expression_only is None else args.expression_only
+    readme = full if args.readme is None else args.readme
+    if readme:
+        _readme_parts(args.readme_path)  # fail now, not after the run, if the markers are off
     start = time.perf_counter()
 
     if args.synthetic:
@@ -565,37 +733,42 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         knowns = args.known or ["C2", "C4"]
         fit_kwargs = {}
         dataset = "her2st C"
+    ablation_knowns = (args.ablation_known or knowns[-1:]) if ablations else []
     c_rows, models = run_patient_c(
         base,
         knowns,
         seeds,
-        ablations=ablations,
+        ablation_knowns=ablation_knowns,
         fit_kwargs=fit_kwargs,
         ablation_seeds=args.ablation_seeds,
     )
     profiles = {known: _known_mean(base, known, model.genes) for known, model in models.items()}
     rows = [{"dataset": dataset, **r} for r in c_rows]
-    notes = [
-        "Ablations not run because the package has no switch for them: ASIGN without "
-        "cross-attention, and without graph attention (`fit_asign(n_gat_layers=...)` must "
-        "be at least 1). 'network alone' is ASIGN without cross-layer imputation.",
-    ]
+    notes = ["'network alone' is ASIGN without cross-layer imputation (same fitted models)."]
+    if ablation_knowns:
+        notes += ["", *ABLATION_NOTES]
     if expression:
         rows += run_expression_only(args.her2st, ["A", "B", "D"])
     if cross:
         windows = [float(w) for w in base.uns["asign"]["features"]["windows"]]
         rows += run_cross_patient(args.her2st, args.cache, models, profiles, windows)
-        notes.append(
+        notes += [
+            "",
             "Cross-patient: B4's graph is its within-section 8-neighbour graph "
-            "(squidpy), as one section has no 3D neighbours."
-        )
+            "(squidpy), as one section has no 3D neighbours.",
+        ]
     frame = pd.DataFrame(rows)
     command = "python benchmarks/accuracy.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
-    return write_report(
+    summary = write_report(
         frame, args.out, command=command.strip(), seconds=time.perf_counter() - start, notes=notes
     )
+    if readme:
+        write_readme(
+            args.readme_path, readme_block(summary, dataset=dataset, command=command.strip())
+        )
+    return summary
 
 
 def _known_mean(base, known: str, genes: Sequence[str]) -> pd.Series:

@@ -25,8 +25,13 @@ def accuracy():
 def report(accuracy, tmp_path_factory):
     threads = torch.get_num_threads()
     out = tmp_path_factory.mktemp("accuracy")
+    readme = out / "README.md"
+    readme.write_text(
+        f"# Title\n\nkept\n{accuracy.README_START}\nold\n{accuracy.README_END}\nkept too\n"
+    )
     try:
-        summary = accuracy.main(["--synthetic", "--ablations", "--out", str(out)])
+        argv = ["--synthetic", "--ablations", "--readme", "--readme-path", str(readme)]
+        summary = accuracy.main([*argv, "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     return summary, out
@@ -68,3 +73,67 @@ def test_ablations_present_and_two_d_graph_cuts_propagation_across_sections(repo
     assert two_d.loc["propagation", "pcc_gene_mean"] == pytest.approx(0.0, abs=1e-6)
     fraction = summary[summary["variant"] == "10% of known spots"]
     assert {"asign", "mean", "propagation"} <= set(fraction["method"])
+
+
+def test_block_ablations_are_run_and_differ_from_the_full_model(report):
+    summary, _ = report
+    asign = summary[summary["method"] == "asign"].set_index("variant")
+    blocks = ["no cross-attention", "no graph attention", "no cross-attention, no graph attention"]
+    assert set(blocks) <= set(asign.index)
+    for variant in blocks:
+        assert np.isfinite(asign.loc[variant, "pcc_gene_mean"])
+        assert asign.loc[variant, "pcc_gene_mean"] != asign.loc["main", "pcc_gene_mean"]
+
+
+def test_readme_block_replaces_only_between_the_markers(accuracy, report):
+    summary, out = report
+    text = (out / "README.md").read_text()
+    head, rest = text.split(accuracy.README_START)
+    block, tail = rest.split(accuracy.README_END)
+    assert head == "# Title\n\nkept\n" and tail == "\nkept too\n"
+    assert "old" not in block
+    assert "| known | method | per-gene PCC | per-spot PCC |" in block
+    assert "| S1 | ASIGN, no graph attention |" in block
+    asign = summary[(summary["variant"] == "main") & (summary["method"] == "asign")].iloc[0]
+    assert f"| S1 | ASIGN | {asign['pcc_gene_mean']:.3f} |" in block
+    assert "known S1:" in block and "No cross-layer imputation" in block
+
+
+def test_readme_markers_are_checked_before_the_run(accuracy, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="accuracy-table:start"):
+        accuracy.main(["--synthetic", "--readme", "--readme-path", str(readme)])
+    readme.write_text(f"{accuracy.README_END}\n{accuracy.README_START}\n")
+    with pytest.raises(ValueError, match="swap them"):
+        accuracy.write_readme(readme, "table")
+    assert readme.read_text() == f"{accuracy.README_END}\n{accuracy.README_START}\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "writes_readme"),
+    [([], True), (["--no-readme"], False), (["--quick"], False), (["--synthetic"], False)],
+)
+def test_only_the_full_mode_writes_the_readme_by_default(
+    accuracy, monkeypatch, argv, writes_readme
+):
+    checked = []
+    # the markers are checked before any work when the README is to be written
+    monkeypatch.setattr(accuracy, "_readme_parts", lambda path: checked.append(path))
+    monkeypatch.setattr(accuracy, "patient_c", _stop)
+    monkeypatch.setattr(accuracy, "synthetic_table", _stop)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(_Stop):
+            accuracy.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    assert bool(checked) is writes_readme
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop(*args, **kwargs):
+    raise _Stop
