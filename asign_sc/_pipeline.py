@@ -219,7 +219,9 @@ def _figures(
         gene = str(pcc.idxmax()) if pcc.notna().any() else gene
     figures = {
         "registration.png": lambda p: pl.registration(sdata, library_key=library_key, save=p),
-        f"sections_{gene}.png": lambda p: pl.sections(sdata, gene, library_key=library_key, save=p),
+        f"sections_{gene}.png": lambda p: pl.sections(
+            sdata, gene, library_key=library_key, vmin="p1", vmax="p99", max_side=1000, save=p
+        ),
         "training.png": lambda p: pl.training(model, save=p),
     }
     if evaluated:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from asign_sc._keys import Key
-from asign_sc._stack import SectionStack, resolve_stack
+from asign_sc._stack import Section, SectionStack, resolve_stack
 from asign_sc.pl._common import finish, imputed_values, measured_values
 from asign_sc.pp._expression import DEFAULT_TARGET_SUM
 
@@ -35,6 +35,7 @@ def sections(
     sections: Sequence[str] | None = None,
     compare: Literal["truth"] | None = "truth",
     img: bool = True,
+    crop: bool = True,
     library_key: str = Key.obs.library,
     spatial_key: str = Key.obsm.spatial,
     counts_layer: str | None = None,
@@ -84,6 +85,10 @@ def sections(
         ``obsm`` key of spot centres in each section's image pixels (legacy AnnData).
     counts_layer
         Layer of raw counts for the measured panels; default the imputation's, else ``X``.
+    crop
+        Zoom each panel to its section's spots, with a margin of one spot diameter (as
+        :func:`squidpy.pl.spatial_scatter`'s ``crop_coord``); ``False`` shows the whole
+        slide.
     max_side
         Long side in pixels of the H&E level read (the coarsest stored level at least this
         large).
@@ -194,6 +199,7 @@ def sections(
                 name,
                 library_key=library_key,
                 ax=panel,
+                crop_coord=_spot_box(stack[name]) if crop else None,
                 img=img,
                 size=size,
                 cmap=cmap,
@@ -235,6 +241,14 @@ def _limit(value: float | str | None, shown: np.ndarray, *, default: float) -> f
     else:
         percentile = default
     return float(np.percentile(shown, percentile)) if shown.size else default / 100.0
+
+
+def _spot_box(section: Section) -> tuple[float, float, float, float]:
+    """``(x0, y0, x1, y1)`` around a section's spots, one spot diameter of margin."""
+    margin = 3.0 * section.spot_radius
+    lo = section.spatial.min(axis=0) - margin
+    hi = section.spatial.max(axis=0) + margin
+    return (max(float(lo[0]), 0.0), max(float(lo[1]), 0.0), float(hi[0]), float(hi[1]))
 
 
 def _none(value: object) -> object:

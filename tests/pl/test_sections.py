@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 import asign_sc as asc
+from asign_sc._stack import resolve_stack
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +22,32 @@ def sdata(imputed_stack):
 def test_sections_matches_reference_image(sdata, tmp_path, check_image):
     fig = asc.pl.sections(sdata, "Gene011", max_side=128, figsize=(6, 4), dpi=50, show=False)
     check_image(fig, "sections.png", tmp_path, dpi=50)
+
+
+def test_sections_uncropped_matches_reference_image(sdata, tmp_path, check_image):
+    fig = asc.pl.sections(
+        sdata, "Gene011", crop=False, max_side=128, figsize=(6, 4), dpi=50, show=False
+    )
+    check_image(fig, "sections_uncropped.png", tmp_path, dpi=50)
+
+
+def test_crop_zooms_each_panel_to_its_spots(sdata):
+    whole = asc.pl.sections(sdata, "Gene011", crop=False, show=False)
+    cropped = asc.pl.sections(sdata, "Gene011", show=False)
+
+    def widths(fig):
+        panels = [ax for ax in fig.axes if ax.collections and ax.get_label() != "<colorbar>"]
+        return np.array([abs(np.diff(ax.get_xlim())[0]) for ax in panels])
+
+    # Spots cover part of each synthetic slide: cropping shrinks the first panel to the
+    # spots' extent plus one spot diameter of margin on each side.
+    section = resolve_stack(sdata).sections[0]
+    slide_width = section.image_shape[1] / section.image_scale
+    extent = np.ptp(section.spatial[:, 0]) + 6 * section.spot_radius
+    expected = min(extent, slide_width) / slide_width
+    ratio = widths(cropped) / widths(whole)
+    assert np.all(ratio < 1)
+    assert ratio[0] == pytest.approx(expected, rel=0.1)
 
 
 def test_panels_share_one_colour_scale_and_truth_is_log_normalised(sdata, tmp_path):
