@@ -54,3 +54,29 @@ def _make_stack(
 def make_stack():
     """Factory of jittered-grid stacks (see :func:`_make_stack`)."""
     return _make_stack
+
+
+def _clustered_features(
+    n: int, dim: int, *, n_clusters: int = 12, rank: int = 8, spread: float = 0.5, seed: int = 0
+) -> np.ndarray:
+    """Image-like features: cluster centres plus variation along a few shared directions.
+
+    Within a cluster, the neighbours of a spot are decided by ``rank`` directions (plus a
+    little isotropic noise), the low-dimensional structure that real embeddings have.
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_clusters, dim))
+    directions = rng.normal(size=(rank, dim))
+    label = rng.integers(0, n_clusters, n)
+    values = (
+        centres[label]
+        + spread * rng.normal(size=(n, rank)) @ directions
+        + 0.05 * rng.normal(size=(n, dim))
+    )
+    return values.astype(np.float32)
+
+
+@pytest.fixture
+def clustered_features():
+    """Factory of clustered feature matrices (see :func:`_clustered_features`)."""
+    return _clustered_features

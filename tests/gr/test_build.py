@@ -175,6 +175,68 @@ def test_default_candidates_are_exact_and_fewer_are_a_subset_of_candidates(make_
     assert 0 < across.nnz < exact_across.nnz
 
 
+def test_auto_search_is_exact_on_small_stacks_and_recorded(make_stack):
+    adata = make_stack(3, (8, 8), seed=5, feature_dim=6)
+    build_3d_graph(adata, spatial_key="spatial", feature_key="feat", n_neighs_across=6)
+    params = adata.uns["spatial3d_neighbors"]["params"]
+    assert params["feature_search"] == "exact" and params["approximate_search"] == "None"
+    exact = graph_edges(adata)
+    build_3d_graph(
+        adata, spatial_key="spatial", feature_key="feat", n_neighs_across=6, feature_search="exact"
+    )
+    assert graph_edges(adata) == exact
+    build_3d_graph(adata, spatial_key="spatial", n_neighs_across=6, similarity=None)
+    assert adata.uns["spatial3d_neighbors"]["params"]["feature_search"] == "None"
+    build_3d_graph(adata, spatial_key="spatial", feature_key="feat", similarity_radius=200.0)
+    assert adata.uns["spatial3d_neighbors"]["params"]["feature_search"] == "None"
+
+
+def test_auto_search_is_approximate_on_large_sections(monkeypatch, make_stack):
+    from asign_sc.gr import _ann
+
+    adata = make_stack(3, (8, 8), seed=5, feature_dim=6)
+    monkeypatch.setattr(_ann, "EXACT_MAX_WORK", 64 * 64 * 6 - 1)
+    build_3d_graph(adata, spatial_key="spatial", feature_key="feat")
+    params = adata.uns["spatial3d_neighbors"]["params"]
+    assert params["feature_search"] == "approximate"
+    assert params["approximate_search"]["search_dim"] == 64
+
+
+def test_approximate_search_recalls_the_exact_edges(clustered_features, make_stack):
+    adata = make_stack(4, (30, 30), seed=30)
+    adata.obsm["feat"] = clustered_features(adata.n_obs, 40, seed=30)
+    found = {}
+    for search in ("exact", "approximate"):
+        build_3d_graph(adata, spatial_key="spatial", feature_key="feat", feature_search=search)
+        assert adata.uns["spatial3d_neighbors"]["params"]["feature_search"] == search
+        found[search] = graph_edges(adata)
+    exact, approximate = found["exact"], found["approximate"]
+    shared = exact.keys() & approximate.keys()
+    assert len(shared) / len(exact) >= 0.99
+    # Weights are exact for every edge found, whichever search found it.
+    np.testing.assert_allclose(
+        [approximate[e] for e in shared], [exact[e] for e in shared], rtol=0, atol=1e-12
+    )
+    params = adata.uns["spatial3d_neighbors"]["params"]["approximate_search"]
+    assert params["index"].startswith("faiss.IndexHNSWFlat") and params["M"] > 0
+
+
+def test_approximate_search_on_a_small_stack_is_the_exact_graph(make_stack):
+    adata = make_stack(3, (8, 8), seed=5, feature_dim=6)
+    build_3d_graph(adata, spatial_key="spatial", feature_key="feat", n_neighs_across=6)
+    exact = graph_edges(adata)
+    build_3d_graph(
+        adata,
+        spatial_key="spatial",
+        feature_key="feat",
+        n_neighs_across=6,
+        feature_search="approximate",
+        n_jobs=1,
+    )
+    assert_same_edges(graph_edges(adata), exact)
+    assert adata.uns["spatial3d_neighbors"]["params"]["n_jobs"] == 1
+
+
 def test_degrees_and_weight_ranges(make_stack):
     adata = make_stack(3, (8, 6), seed=6, feature_dim=4)
     build_3d_graph(adata, spatial_key="spatial", feature_key="feat")
@@ -358,6 +420,10 @@ def test_errors_say_what_to_do(make_stack):
         build_3d_graph(adata, spatial_key="spatial", similarity_radius=-1.0)
     with pytest.raises(ValueError, match="section_spacing"):
         build_3d_graph(adata, spatial_key="spatial", section_spacing=0.0)
+    with pytest.raises(ValueError, match="feature_search must be one of"):
+        build_3d_graph(adata, spatial_key="spatial", feature_search="hnsw")
+    with pytest.raises(ValueError, match="n_jobs"):
+        build_3d_graph(adata, spatial_key="spatial", n_jobs=0)
     one = make_stack(1, (4, 4), seed=18)
     with pytest.raises(InvalidStackError, match="at least 2 sections"):
         build_3d_graph(one, spatial_key="spatial")

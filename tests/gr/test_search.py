@@ -6,6 +6,8 @@ from scipy.spatial import cKDTree
 
 from asign_sc.gr import _search
 from asign_sc.gr._search import (
+    cosine_top_k_per_row,
+    dot32,
     feature_neighbors,
     overlap_pairs,
     rowwise_dot,
@@ -101,3 +103,51 @@ def test_top_k_per_row_unsorted_input_and_long_rows_agree_with_a_global_sort():
         expected = np.lexsort((c, -w, r))
         rank = np.arange(len(r)) - np.searchsorted(r[expected], r[expected])
         assert keep.tolist() == expected[rank < 3].tolist()
+
+
+def test_dot32_is_within_its_error_bound():
+    rng = np.random.default_rng(4)
+    values = rng.normal(size=(50, 300)).astype(np.float32)
+    rows, cols = rng.integers(0, 50, 200), rng.integers(0, 50, 200)
+    got = dot32(values, rows, cols)
+    exact = (values[rows].astype(float) * values[cols]).sum(1)
+    bound = (
+        300 * 2.0**-24 * np.linalg.norm(values[rows], axis=1) * np.linalg.norm(values[cols], axis=1)
+    )
+    assert got.dtype == np.float32
+    assert np.all(np.abs(got - exact) <= bound) and np.any(got != exact)
+    assert dot32(values, rows[:0], cols[:0]).size == 0
+
+
+def test_cosine_top_k_per_row_is_the_float64_ranking_despite_near_ties():
+    rng = np.random.default_rng(5)
+    n_queries, n_candidates, dim = 10, 30, 256
+    # Candidates are near-copies of their query: cosines within 1e-6 of 1, which float32
+    # does not resolve (a float32 ranking differs in 40 of the 60 edges).
+    queries = rng.normal(size=(n_queries, dim))
+    offsets = rng.uniform(1e-4, 1e-3, (n_queries * n_candidates, 1))
+    near = np.repeat(queries, n_candidates, axis=0) + offsets * rng.normal(size=(len(offsets), dim))
+    values = np.concatenate([queries, near]).astype(np.float32)
+    norms = np.sqrt((values.astype(float) ** 2).sum(1))
+    rows = np.repeat(np.arange(n_queries), n_candidates)
+    cols = n_queries + np.arange(len(rows))
+    iou = np.where(rng.random(len(rows)) < 0.1, 1e-7, 0.0)
+    keep, weights = cosine_top_k_per_row(values, norms, rows, cols, iou, 6)
+    cosine = (values[rows].astype(float) * values[cols]).sum(1) / (norms[rows] * norms[cols])
+    exact = iou + np.maximum(cosine, 0)
+    expected = top_k_per_row(rows, cols, exact, 6)
+    assert keep.tolist() == expected.tolist()
+    np.testing.assert_allclose(weights, exact[expected], rtol=0, atol=1e-12)
+    float32 = iou + dot32(values, rows, cols) / (norms[rows] * norms[cols])
+    assert set(top_k_per_row(rows, cols, float32, 6)) != set(expected)
+    empty = cosine_top_k_per_row(values, norms, rows[:0], cols[:0], iou[:0], 6)
+    assert empty[0].size == 0 and empty[1].size == 0
+
+
+def test_cosine_top_k_per_row_leaves_out_zero_weights():
+    values = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [1.0, 1.0]], dtype=np.float32)
+    norms = np.sqrt((values.astype(float) ** 2).sum(1))
+    rows, cols = np.array([0, 0, 0]), np.array([1, 2, 3])
+    keep, weights = cosine_top_k_per_row(values, norms, rows, cols, np.zeros(3), 3)
+    assert cols[keep].tolist() == [3]  # orthogonal and opposite features weigh 0
+    np.testing.assert_allclose(weights, [np.sqrt(0.5)])
