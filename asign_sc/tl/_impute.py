@@ -111,7 +111,9 @@ def impute(
         See above.
     known_sections
         Sections whose measured expression is used; default the model's training sections.
-        Required for the baselines.
+        Required for the baselines. With ``method="network"`` it may be empty (``[]``):
+        the network predicts from images and graph alone, e.g. for a stack of another
+        patient; that is also the default when the model's sections are not in the stack.
     genes
         Genes to impute; default the model's genes, or for the baselines the
         ``n_top_genes`` of highest mean count over the known spots.
@@ -174,6 +176,15 @@ def impute(
         if model is None:
             raise ValueError(f"method={method!r} needs known_sections= (the measured sections).")
         known_sections = settings["known_sections"]
+        if method == "network" and not set(known_sections) <= set(stack.names):
+            # A new stack (e.g. another patient) without the training sections: the network
+            # predicts from images and graph alone and needs no measured spots.
+            logger.info(
+                "The model's known sections %s are not in this stack: imputing from images "
+                "alone (method='network', no known sections).",
+                known_sections,
+            )
+            known_sections = []
     if isinstance(known_sections, str):
         known_sections = [known_sections]
     known_sections = [str(s) for s in known_sections]
@@ -241,15 +252,24 @@ def _impute_model(
             f"known_sections {missing} are not sections of this stack {stack.names}; pass "
             "known_sections= naming its measured sections."
         )
-    rows = known_rows(stack, known_sections)
-    measured = known_values(
-        table,
-        stack,
-        rows=rows,
-        genes=model_genes,
-        layer=layer,
-        target_sum=settings["normalization"]["target_sum"],
-    )["spot"]
+    if not known_sections and method != "network":
+        raise InvalidStackError(
+            "known_sections is empty: method='asign' propagates measured expression, so name "
+            "the measured section(s), or use method='network' to predict from images alone."
+        )
+    if known_sections:
+        rows = known_rows(stack, known_sections)
+        measured = known_values(
+            table,
+            stack,
+            rows=rows,
+            genes=model_genes,
+            layer=layer,
+            target_sum=settings["normalization"]["target_sum"],
+        )["spot"]
+    else:
+        rows = np.empty(0, dtype=np.int64)
+        measured = np.empty((0, len(model_genes)), dtype=np.float32)
     inputs = build_inputs(
         table,
         stack,
