@@ -120,6 +120,12 @@ def evaluate(
     unknown_baselines = [b for b in baselines if b not in BASELINES]
     if unknown_baselines:
         raise ValueError(f"Unknown baselines {unknown_baselines}; choose from {list(BASELINES)}.")
+    if baselines and not known:
+        raise ValueError(
+            f"The imputation in obsm[{key!r}] used no known section (image-only), so the "
+            f"baselines {list(baselines)}, which start from measured spots, have nothing to "
+            "start from: pass baselines=()."
+        )
     imputed: pd.DataFrame = table.obsm[key]
     genes = list(imputed.columns) if genes is None else [str(g) for g in genes]
     missing = [g for g in genes if g not in imputed.columns]

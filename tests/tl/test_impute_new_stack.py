@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from asign_sc import InvalidStackError
-from asign_sc.tl import fit_asign, impute
+from asign_sc.tl import evaluate, fit_asign, impute
 
 from .test_fit_impute import FAST, make_stack, per_gene_pcc, truth_of
 
@@ -61,3 +63,14 @@ def test_asign_without_known_sections_says_what_to_do(model):
         impute(new, model, method="asign", known_sections=[], device="cpu")
     with pytest.raises(InvalidStackError, match="not sections of this stack"):
         impute(new, model, method="asign", device="cpu")
+
+
+def test_evaluate_scores_an_image_only_imputation_without_baselines(model):
+    new = _other_patient(seed=0)
+    impute(new, model, method="network", device="cpu")
+    with pytest.raises(ValueError, match=re.escape("pass baselines=()")):
+        evaluate(new, sections=["P1", "P2"])
+    scores = evaluate(new, sections=["P1", "P2"], baselines=())
+    assert scores["method"].nunique() == 1  # the imputation only, no baseline rows
+    overall = scores.query("section == 'all' and metric == 'pcc_gene'")["value"].item()
+    assert overall > 0.3
