@@ -96,7 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # Progress of our own steps at INFO; other libraries (faiss reports which CPU build it
+    # loads, for instance) only from WARNING, unless --verbose asks for everything.
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    logger.setLevel(level)
     if args.her2st is not None and args.patient is None:
         parser.error("--her2st needs --patient (e.g. --patient C)")
 

@@ -98,3 +98,18 @@ def test_version():
         check=True,
     )
     assert result.stdout.startswith("asign-sc ")
+
+
+def test_logs_our_steps_but_not_other_libraries_chatter(tmp_path):
+    # faiss, for one, logs at INFO which CPU build it loads: noise for a shell user.
+    code = (
+        "import logging, sys\n"
+        "from asign_sc._cli import main\n"
+        f"main(['run', {str(tmp_path / 'nope.zarr')!r}, '--out', {str(tmp_path / 'o')!r}])\n"
+        "print(logging.getLogger('asign_sc._pipeline').isEnabledFor(logging.INFO),\n"
+        "      logging.getLogger('faiss.loader').isEnabledFor(logging.INFO))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split() == ["True", "False"]
