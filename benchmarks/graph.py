@@ -1,21 +1,32 @@
-"""Benchmark of ``asign_sc.gr.build_3d_graph``: build time, peak memory and growth with size.
+"""Benchmark of ``asign_sc.gr.build_3d_graph``: build time, peak memory, recall and growth.
 
 Synthetic stacks of jittered-grid sections (Visium-like: spot radius 27.5 px at a 100 px
 pitch, each section slightly rotated and shifted against the others) with 1k, 3k, 10k, 30k
-and 100k spots are built three ways: with the overlap (IoU) only, with IoU + cosine
-similarity of image-like features searched over whole sections (eq. 1 as published,
-exact), and with the similarity searched within 3 spot pitches (``similarity_radius``).
+and 100k spots in 5 sections are built with the overlap (IoU) only and, for 64-d and
+1280-d float32 image-like features (1280 is the dimension of the default encoder,
+EfficientNet-Lite0), with IoU + cosine similarity (eq. 1) four ways:
+
+- ``auto``: the default, exact search while sections are small, else approximate;
+- ``approx``: ``feature_search="approximate"`` (faiss HNSW on principal axes);
+- ``exact``: ``feature_search="exact"`` (all pairs of spots of two sections, blockwise),
+  run at the first size and where it is predicted (quadratic growth from the previous
+  run) to take at most ``--exact-budget`` seconds;
+- ``r=3p``: similarity searched within 3 spot pitches (``similarity_radius``).
+
+Recall: for a random sample of spots, the exact top-k across edges by definition (eq. 1
+against every spot of the other sections, float64) and the share of them in the graph.
 
 The baseline is the straightforward construction a first implementation would write:
 every spot's disc as a shapely polygon with 100 points, the intersection with every spot
 of every other section, the full similarity matrix and a sort per spot. It runs at the
-sizes where it is predicted (quadratic growth) to finish within ``--baseline-budget``
-seconds; its edges are compared with ours.
+first size and where it is predicted (quadratic growth) to finish within
+``--baseline-budget`` seconds (0: never); its edges are compared with ours.
 
 Each measurement runs in a fresh process; peak memory is the largest resident set size
-seen during the call minus the size just before it (sampled every 2 ms).
+seen during the call minus the size just before it (sampled every 2 ms), so the input
+(512 MB of features for 100k spots at 1280-d) is not counted.
 
-Run: ``python benchmarks/graph.py`` (a few minutes on 2 cores); ``--help`` for options.
+Run: ``python benchmarks/graph.py`` (10-20 minutes on 2 cores); ``--help`` for options.
 """
 
 from __future__ import annotations
@@ -92,12 +103,47 @@ class PeakRSS:
         self.peak = max(self.peak, self._process.memory_info().rss - self._start)
 
 
-#: Modes: label -> (use features, similarity_radius in units of the spot pitch).
+#: Modes: label -> (use features, feature_search, similarity_radius in spot pitches).
 MODES = {
-    "IoU": (False, None),
-    "IoU+cos": (True, None),
-    "IoU+cos r=3p": (True, 3.0),
+    "IoU": (False, "auto", None),
+    "auto": (True, "auto", None),
+    "approx": (True, "approximate", None),
+    "exact": (True, "exact", None),
+    "r=3p": (True, "auto", 3.0),
 }
+
+
+def sampled_recall(adata, n_sample: int, seed: int = 0) -> float:
+    """Share of the exact top-k across edges of ``n_sample`` random spots that the graph has.
+
+    The exact edges follow the definition: eq. 1 (closed-form IoU + clipped cosine, float64)
+    against every spot of the other sections, ties broken by the smaller position.
+    """
+    from asign_sc.gr import circle_iou
+
+    rng = np.random.default_rng(seed)
+    xy = adata.obsm["spatial"]
+    values = adata.obsm["features"]
+    section = adata.obs["section"].cat.codes.to_numpy()
+    conn = adata.obsp["spatial3d_connectivities"].tocsr()
+    query = np.sort(rng.choice(adata.n_obs, min(n_sample, adata.n_obs), replace=False))
+    sample = values[query].astype(float)
+    sample /= np.linalg.norm(sample, axis=1, keepdims=True)
+    cosine = np.empty((len(query), adata.n_obs))
+    for start in range(0, adata.n_obs, 8192):  # float64 in blocks
+        block = values[start : start + 8192].astype(float)
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        cosine[:, start : start + len(block)] = sample @ block.T
+    hits = total = 0
+    for row, i in enumerate(query):
+        others = np.flatnonzero(section != section[i])
+        iou = circle_iou(np.linalg.norm(xy[others] - xy[i], axis=1), RADIUS, RADIUS)
+        weight = iou + np.maximum(cosine[row, others], 0)
+        best = others[np.lexsort((others, -weight))[:K_ACROSS]]
+        got = conn.indices[conn.indptr[i] : conn.indptr[i + 1]]
+        hits += np.isin(best, got).sum()
+        total += len(best)
+    return hits / total
 
 
 def run_ours(
@@ -107,13 +153,15 @@ def run_ours(
     mode: str,
     repeats: int,
     with_edges: bool,
+    n_recall: int,
+    n_jobs: int | None,
     queue,
 ) -> None:
     import torch  # noqa: F401  (imported by asign_sc anyway; keep its import out of the timing)
 
     from asign_sc.gr import build_3d_graph
 
-    features, radius = MODES[mode]
+    features, search, radius = MODES[mode]
 
     def build(adata) -> None:
         build_3d_graph(
@@ -121,9 +169,11 @@ def run_ours(
             spatial_key="spatial",
             feature_key="features" if features else None,
             similarity="cosine" if features else None,
+            feature_search=search,
             similarity_radius=None if radius is None else radius * PITCH,
             n_neighs_within=K_WITHIN,
             n_neighs_across=K_ACROSS,
+            n_jobs=n_jobs,
         )
 
     build(synthetic_stack(200, n_sections, feature_dim, seed=1))  # warm-up: first-call costs
@@ -138,12 +188,15 @@ def run_ours(
         times.append(time.perf_counter() - start)
     conn = adata.obsp["spatial3d_connectivities"].tocoo()
     edges = set(zip(conn.row.tolist(), conn.col.tolist(), strict=True)) if with_edges else set()
+    params = adata.uns["spatial3d_neighbors"]["params"]
     queue.put(
         {
             "seconds": min(times),
             "peak_mb": mem.peak / 2**20,
             "n_obs": adata.n_obs,
             "edges_per_spot": conn.nnz / adata.n_obs,
+            "search": params["feature_search"],
+            "recall": sampled_recall(adata, n_recall) if features and n_recall else None,
             "edges": edges,
         }
     )
@@ -203,73 +256,122 @@ def growth(sizes: list[float], values: list[float]) -> float:
     return float(np.polyfit(np.log(sizes), np.log(values), 1)[0])
 
 
+def predicted(last: tuple[int, float] | None, n: int) -> float:
+    """Seconds at ``n`` spots from the last measurement, assuming quadratic growth."""
+    return 0.0 if last is None else last[1] * (n / last[0]) ** 2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--sizes", type=int, nargs="+", default=[1_000, 3_000, 10_000, 30_000, 100_000]
     )
     parser.add_argument("--sections", type=int, default=5)
-    parser.add_argument("--feature-dim", type=int, default=64)
-    parser.add_argument("--baseline-budget", type=float, default=60.0)
+    parser.add_argument("--feature-dims", type=int, nargs="+", default=[64, 1280])
+    parser.add_argument(
+        "--baseline-budget", type=float, default=60.0, help="0: no baseline (all-pairs) runs"
+    )
+    parser.add_argument("--exact-budget", type=float, default=120.0)
+    parser.add_argument("--recall-spots", type=int, default=500)
+    parser.add_argument("--n-jobs", type=int, default=None, help="threads (default: all)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     args = parser.parse_args()
 
     print(
         f"build_3d_graph: {args.sections} sections, k_within={K_WITHIN}, k_across={K_ACROSS}, "
-        f"{args.feature_dim}-d features; 'r=3p': similarity_radius = 3 spot pitches.\n"
+        f"n_jobs={args.n_jobs}. auto: default search; approx/exact: feature_search forced; "
+        "r=3p: similarity_radius = 3 spot pitches.\n"
+        f"recall: share of the exact top-{K_ACROSS} across edges (eq. 1 by definition, "
+        f"float64, all pairs) of {args.recall_spots} random spots found.\n"
         "Baseline: all pairs, shapely polygons with 100 points per circle, full similarity "
         "matrix, a sort per spot (run where predicted to take <= "
         f"{args.baseline_budget:.0f} s). Times: best of 3 below 20k spots, else one run."
     )
     rows = []
-    last_baseline: dict[str, tuple[int, float]] = {}
+    last_baseline: dict[tuple[bool, int], tuple[int, float]] = {}
+    last_exact: dict[int, tuple[int, float]] = {}
     for n in args.sizes:
-        for mode in args.modes:
-            features, radius = MODES[mode]
-            last = last_baseline.get(mode)
-            predicted = None if last is None else last[1] * (n / last[0]) ** 2
-            run_base = radius is None and (predicted is None or predicted <= args.baseline_budget)
-            repeats = 3 if n < 20_000 else 1
-            ours = measure(run_ours, n, args.sections, args.feature_dim, mode, repeats, run_base)
-            row = {"n": ours["n_obs"], "mode": mode, **ours}
-            if run_base:
-                base = measure(run_baseline, n, args.sections, args.feature_dim, features)
-                last_baseline[mode] = (n, base["seconds"])
-                row["base_seconds"] = base["seconds"]
-                row["base_peak_mb"] = base["peak_mb"]
-                row["agreement"] = agreement(ours["edges"], base["edges"])
-            del row["edges"]
-            rows.append(row)
-
-    header = (
-        f"{'spots':>8} {'weights':>13} {'ours s':>9} {'ours MB':>8} {'edges/spot':>10} "
-        f"{'all-pairs s':>12} {'all-pairs MB':>13} {'speed-up':>9} {'same edges':>10}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        base = "base_seconds" in r
-        print(
-            f"{r['n']:>8} {r['mode']:>13} {r['seconds']:>9.3f} {r['peak_mb']:>8.1f} "
-            f"{r['edges_per_spot']:>10.1f} "
-            + (
-                f"{r['base_seconds']:>12.2f} {r['base_peak_mb']:>13.1f} "
-                f"{r['base_seconds'] / r['seconds']:>8.1f}x {r['agreement']:>10.4f}"
-                if base
-                else f"{'-':>12} {'-':>13} {'-':>9} {'-':>10}"
-            )
-        )
-    print("growth exponents (slope of log-log fit; 1 = linear, 2 = quadratic):")
-    for mode in args.modes:
-        for low in (0, 10_000):  # all sizes; sizes where fixed costs no longer dominate
-            sel = [r for r in rows if r["mode"] == mode and r["n"] >= low]
-            if len(sel) >= 2:
-                n = [r["n"] for r in sel]
-                print(
-                    f"  {mode:>13}, {n[0]:>6}-{n[-1]} spots: time "
-                    f"{growth(n, [r['seconds'] for r in sel]):.2f}, peak memory "
-                    f"{growth(n, [max(r['peak_mb'], 1e-3) for r in sel]):.2f}"
+        for dim in args.feature_dims:
+            baseline: dict[bool, dict] = {}
+            for mode in args.modes:
+                features, search, radius = MODES[mode]
+                if not features and dim != args.feature_dims[0]:
+                    continue  # the overlap alone does not depend on the features
+                if search == "exact" and predicted(last_exact.get(dim), n) > args.exact_budget:
+                    continue
+                key = (features, dim)
+                run_base = (
+                    radius is None
+                    and args.baseline_budget > 0
+                    and (
+                        features in baseline
+                        or predicted(last_baseline.get(key), n) <= args.baseline_budget
+                    )
                 )
+                repeats = 3 if n < 20_000 else 1
+                ours = measure(
+                    run_ours,
+                    n,
+                    args.sections,
+                    dim,
+                    mode,
+                    repeats,
+                    run_base,
+                    args.recall_spots,
+                    args.n_jobs,
+                )
+                if search == "exact":
+                    last_exact[dim] = (n, ours["seconds"])
+                row = {"n": ours["n_obs"], "dim": dim if features else 0, "mode": mode, **ours}
+                if run_base:
+                    if features not in baseline:
+                        baseline[features] = measure(run_baseline, n, args.sections, dim, features)
+                        last_baseline[key] = (n, baseline[features]["seconds"])
+                    base = baseline[features]
+                    row["base_seconds"] = base["seconds"]
+                    row["base_peak_mb"] = base["peak_mb"]
+                    row["agreement"] = agreement(ours["edges"], base["edges"])
+                del row["edges"]
+                rows.append(row)
+                print_row(row, header=len(rows) == 1)
+
+    print("growth exponents (slope of log-log fit; 1 = linear, 2 = quadratic):")
+    for dim in sorted({r["dim"] for r in rows}):
+        for mode in args.modes:
+            for low in (0, 10_000):  # all sizes; sizes where fixed costs no longer dominate
+                sel = [r for r in rows if r["mode"] == mode and r["dim"] == dim and r["n"] >= low]
+                if len(sel) >= 2:
+                    n = [r["n"] for r in sel]
+                    print(
+                        f"  {mode:>6} {dim or '-':>5}, {n[0]:>6}-{n[-1]} spots: time "
+                        f"{growth(n, [r['seconds'] for r in sel]):.2f}, peak memory "
+                        f"{growth(n, [max(r['peak_mb'], 1e-3) for r in sel]):.2f}"
+                    )
+
+
+def print_row(r: dict, header: bool) -> None:
+    """One line of the table (printed as measured, so a long run shows progress)."""
+    if header:
+        line = (
+            f"{'spots':>7} {'dim':>5} {'mode':>6} {'search':>11} {'ours s':>8} {'ours MB':>8} "
+            f"{'edges/spot':>10} {'recall':>7} {'all-pairs s':>11} {'all-pairs MB':>12} "
+            f"{'speed-up':>9} {'same edges':>10}"
+        )
+        print(line)
+        print("-" * len(line))
+    base = "base_seconds" in r
+    recall = "-" if r["recall"] is None else f"{r['recall']:.4f}"
+    print(
+        f"{r['n']:>7} {r['dim'] or '-':>5} {r['mode']:>6} {r['search']:>11} "
+        f"{r['seconds']:>8.3f} {r['peak_mb']:>8.1f} {r['edges_per_spot']:>10.1f} {recall:>7} "
+        + (
+            f"{r['base_seconds']:>11.2f} {r['base_peak_mb']:>12.1f} "
+            f"{r['base_seconds'] / r['seconds']:>8.1f}x {r['agreement']:>10.4f}"
+            if base
+            else f"{'-':>11} {'-':>12} {'-':>9} {'-':>10}"
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -171,21 +171,23 @@ def build_3d_graph(
 
         - ``"exact"``: every pair of spots of every two sections (blockwise matrix products),
           ``O(n_a * n_b * dim)`` per pair of sections, the square of the stack: with 100k
-          spots in 5 sections, about a minute with 64-d features and many minutes with
-          1280-d ones on 2 CPU cores.
+          spots in 5 sections, about 20 s with 64-d features and 2-3 minutes with 1280-d
+          ones on 2 CPU cores.
         - ``"approximate"``: an HNSW graph per section (:class:`faiss.IndexHNSWFlat`, inner
           product) over the unit features projected on the stack's 64 leading principal
           axes (not centred; features with at most 64 dimensions are used as they are).
           Each spot's ``2 * across_candidates`` nearest spots of every other section in
           that space are re-ranked by their cosine on the full features and the best
           ``across_candidates`` kept. Time ``O(n log n)``, memory linear in the number of
-          spots: 100k spots in 5 sections take a few seconds with 64-d or 1280-d features.
-          A true candidate is missed when neither the projection nor the graph search finds
-          it: on the benchmarks (``benchmarks/graph.py``) and on EfficientNet-Lite0
-          embeddings of her2st more than 99.9% of the exact top-k edges are kept, but
-          features whose neighbours are decided by variance spread evenly over hundreds of
-          dimensions (no low-dimensional structure) lose more (83% of the edges on a
-          synthetic 256-d example).
+          spots: 100k spots in 5 sections take 5-10 s with 64-d or 1280-d features on 2
+          CPU cores; below a few thousand spots the fixed cost of the principal axes (about a
+          second at 1280-d) makes it slower than the exact search. A true candidate is
+          missed when neither the projection nor the graph search finds it: on the
+          benchmark stacks (``benchmarks/graph.py``, 1k-100k spots) 99.85-100% of the exact
+          top-k edges are kept, on EfficientNet-Lite0 embeddings of her2st patient C
+          99.99%, but features whose neighbours are decided by variance spread evenly over
+          hundreds of dimensions (no low-dimensional structure) lose more (83% of the edges
+          on a synthetic 256-d example).
         - ``"auto"`` (default): ``"exact"`` while ``n_a * n_b * dim <= 2**32`` for every
           pair of sections of every sample (two sections of about 1,800 spots with 1280-d
           features, 8,000 with 64-d ones, so her2st is searched exactly), else
@@ -209,9 +211,10 @@ def build_3d_graph(
         distances are symmetric already). Default: each spot's own top-k (rows are the
         spots; a spot may be chosen by more than ``k`` others).
     n_jobs
-        CPU threads of the feature search (faiss' OpenMP threads and torch's intra-op
+        CPU threads of the feature search (BLAS, faiss' OpenMP and torch's intra-op
         threads) during this call; ``None`` keeps their settings (all cores). On a machine
-        whose cores are busy with other work one thread can be faster.
+        whose cores are busy with other work one thread can be much faster: threads of a
+        BLAS or OpenMP call wait for each other.
     key_added
         Prefix of the keys written (squidpy's convention, see Returns).
     copy

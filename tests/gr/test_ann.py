@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from asign_sc.gr import _ann
 from asign_sc.gr._ann import (
     EXACT_MAX_WORK,
     approximate_feature_neighbors,
@@ -76,10 +77,26 @@ def test_approximate_neighbors_with_k_larger_than_a_section(clustered_features):
     assert all(len(set(row)) == 5 for row in found[0, 1])
 
 
+@pytest.mark.parametrize("n", [30, 500])  # fewer spots than dimensions, and more
+def test_principal_axes_are_the_leading_singular_vectors(n):
+    rng = np.random.default_rng(6)
+    values = (rng.normal(size=(n, 100)) * np.linspace(3, 0.1, 100)).astype(np.float32)
+    norms = np.linalg.norm(values.astype(float), axis=1)
+    axes = _ann._principal_axes(values, norms, np.arange(n), 8, seed=0)
+    assert axes.shape == (8, 100) and axes.dtype == np.float32
+    np.testing.assert_allclose(axes @ axes.T, np.eye(8), atol=1e-5)
+    _, _, vt = np.linalg.svd(values / norms[:, None], full_matrices=False)
+    np.testing.assert_allclose(np.abs(axes @ vt[:8].T), np.eye(8), atol=1e-4)
+    assert _ann._principal_axes(values[:, :8], norms, np.arange(n), 8, seed=0) is None
+
+
 def test_search_threads_restores_the_settings():
+    from threadpoolctl import threadpool_info
+
     faiss_before, torch_before = faiss.omp_get_max_threads(), torch.get_num_threads()
     with search_threads(1):
         assert faiss.omp_get_max_threads() == 1 and torch.get_num_threads() == 1
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info())
     assert faiss.omp_get_max_threads() == faiss_before
     assert torch.get_num_threads() == torch_before
     with search_threads(None):
