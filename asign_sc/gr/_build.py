@@ -179,15 +179,16 @@ def build_3d_graph(
           Each spot's ``2 * across_candidates`` nearest spots of every other section in
           that space are re-ranked by their cosine on the full features and the best
           ``across_candidates`` kept. Time ``O(n log n)``, memory linear in the number of
-          spots: 100k spots in 5 sections take 5-10 s with 64-d or 1280-d features on 2
-          CPU cores; below a few thousand spots the fixed cost of the principal axes (about a
-          second at 1280-d) makes it slower than the exact search. A true candidate is
-          missed when neither the projection nor the graph search finds it: on the
-          benchmark stacks (``benchmarks/graph.py``, 1k-100k spots) 99.85-100% of the exact
-          top-k edges are kept, on EfficientNet-Lite0 embeddings of her2st patient C
-          99.99%, but features whose neighbours are decided by variance spread evenly over
-          hundreds of dimensions (no low-dimensional structure) lose more (83% of the edges
-          on a synthetic 256-d example).
+          spots: 100k spots in 5 sections take 5-10 s with 64-d or 1280-d features on one
+          CPU core (more where the cores are busy with other work, see ``n_jobs``). Below a
+          few thousand spots the fixed costs (principal axes, HNSW graphs) make it slower
+          than the exact search (0.33 s against 0.17 s for 3k spots with 1280-d features).
+          A true candidate is missed when neither the projection nor the graph search finds
+          it: on the benchmark stacks (``benchmarks/graph.py``, 1k-100k spots) 99.85-100%
+          of the exact top-k edges are kept, on EfficientNet-Lite0 embeddings of her2st
+          patient C 99.99%, but features whose neighbours are decided by variance spread
+          evenly over hundreds of dimensions (no low-dimensional structure) lose more (83%
+          of the edges on a synthetic 256-d example).
         - ``"auto"`` (default): ``"exact"`` while ``n_a * n_b * dim <= 2**32`` for every
           pair of sections of every sample (two sections of about 1,800 spots with 1280-d
           features, 8,000 with 64-d ones, so her2st is searched exactly), else
