@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["Key"]
+__all__ = ["LEVELS", "Key"]
+
+LEVELS: Final = ("spot", "region", "global")
+"""The three window levels of ASIGN's image features and expression targets."""
 
 
 class Key:

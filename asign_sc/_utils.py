@@ -10,10 +10,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    import torch
     from anndata import AnnData
     from spatialdata import SpatialData
 
-__all__ = ["copy_data", "is_spatialdata", "sanitize_uns"]
+__all__ = [
+    "copy_data",
+    "is_spatialdata",
+    "resolve_device",
+    "sanitize_uns",
+    "unsanitize_none",
+    "update_params",
+]
 
 logger = logging.getLogger("asign_sc")
 
@@ -57,3 +65,54 @@ def sanitize_uns(value: Any) -> Any:
     if isinstance(value, np.ndarray | str | int | float | bool):
         return value
     return str(value)
+
+
+def unsanitize_none(value: Any) -> Any:
+    """Undo :func:`sanitize_uns` for ``None``: the string ``"None"`` read back from uns."""
+    return None if isinstance(value, str) and value == "None" else value
+
+
+def update_params(table: AnnData, key_added: str, entry: str, record: Mapping) -> None:
+    """Write ``record`` to ``uns[key_added][entry]``, keeping the other entries of that dict."""
+    from asign_sc._keys import Key
+
+    key = Key.uns.params(key_added)
+    params = table.uns.get(key)
+    params = dict(params) if isinstance(params, Mapping) else {}
+    params[entry] = sanitize_uns(record)
+    table.uns[key] = params
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is checked and passed to torch.
+
+    Parameters
+    ----------
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or a :class:`torch.device`.
+
+    Returns
+    -------
+    The device to use.
+    """
+    import torch
+
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"device={device!r} is not a torch device; use 'auto', 'cpu', 'cuda' or 'cuda:N'."
+        ) from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device={str(resolved)!r} was requested but CUDA is not available here; use "
+            "device='auto' or 'cpu'."
+        )
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(
+            f"device={str(resolved)!r} was requested but MPS is not available here; use "
+            "device='auto' or 'cpu'."
+        )
+    return resolved

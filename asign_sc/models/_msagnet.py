@@ -6,11 +6,11 @@ import torch
 from torch import nn
 from torch_geometric.nn import GATv2Conv
 
+from asign_sc._keys import LEVELS
 from asign_sc.models._fusion import MultiLevelFusion
 
 __all__ = ["MSAGNet", "SpatialGraphAttention", "SpotwiseLayers"]
 
-LEVELS = ("spot", "region", "global")
 
 
 class SpatialGraphAttention(nn.Module):

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from asign_sc._errors import InvalidStackError
-from asign_sc._keys import Key
+from asign_sc._keys import LEVELS, Key
 from asign_sc._stack import Section, SectionStack, resolve_stack
-from asign_sc._utils import copy_data, sanitize_uns
+from asign_sc._utils import copy_data, resolve_device, update_params
 from asign_sc.models.encoders._registry import AUTO, Encoder, get_encoder
 from asign_sc.pp._patches import crop_windows
 
@@ -30,12 +30,11 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-__all__ = ["LEVELS", "extract_features"]
+__all__ = ["extract_features"]
 
 logger = logging.getLogger(__name__)
 
 #: Window levels, smallest first: the keys of ``windows`` and of the stored features.
-LEVELS = ("spot", "region", "global")
 #: Sub-dict of ``uns[key_added]`` holding the parameters of the last extraction.
 UNS_FEATURES = "features"
 #: Where readers store microns per full-resolution pixel: ``uns[Key.uns.stack][this][section]``.
@@ -171,7 +170,7 @@ def extract_features(
     else:
         enc = get_encoder(encoder, weights=weights)
         size = int(input_size or enc.input_size)
-        dev = _resolve_device(device)
+        dev = resolve_device(device)
         dtype = _resolve_precision(precision, dev)
         extractor = _Extractor(
             enc, device=dev, dtype=dtype, input_size=size, grid=grid, batch_size=batch_size
@@ -218,10 +217,7 @@ def extract_features(
             "seconds": round(time.perf_counter() - start, 3),
         }
     )
-    params = table.uns.get(Key.uns.params(key_added))
-    params = dict(params) if isinstance(params, dict) else {}
-    params[UNS_FEATURES] = sanitize_uns(record)
-    table.uns[Key.uns.params(key_added)] = params
+    update_params(table, key_added, UNS_FEATURES, record)
     dim = result.pooled["spot"].shape[1]
     logger.info(
         "added obsm %s (n_obs x %d) and %s (n_obs x tokens x %d), obs %s, uns[%r][%r] "
@@ -278,15 +274,6 @@ def _frame_windows(
         )
     return {s.name: tuple(w / float(microns[s.name]) for w in windows) for s in stack}
 
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, str) and device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 def cpu_supports_bf16() -> bool:

@@ -14,7 +14,8 @@ from asign_sc._stack import SectionStack
 from asign_sc.io import SectionInput, build_spatialdata
 from asign_sc.models.encoders import get_encoder
 from asign_sc.tl import extract_features
-from asign_sc.tl._features import LEVELS, _read_plan, cpu_supports_bf16
+from asign_sc._keys import LEVELS
+from asign_sc.tl._features import _read_plan, cpu_supports_bf16
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
