@@ -161,7 +161,7 @@ def main() -> None:
         dtype: _Extractor(
             encoder,
             device=device,
-            dtype=dtype,
+            precision="bfloat16" if dtype == torch.bfloat16 else "float32",
             input_size=size,
             grid=(3, 3),
             batch_size=args.batch_size,
@@ -217,7 +217,8 @@ def main() -> None:
             print(
                 f"{label:12s} wall {wall:7.1f} s  CPU {cpu / args.threads:7.1f} s/thread  "
                 f"peak +{mem.delta_gb:.2f} GB  precision {record['precision']}  "
-                f"cache hits {record['cache_hits']}/15  windows {3 * table.n_obs}"
+                f"cache hits {record['cache_hits']} ({record['tiles']} tiles)  "
+                f"windows {3 * table.n_obs}"
             )
     print(f"load average at end {os.getloadavg()[0]:.1f}")
 

@@ -44,6 +44,7 @@ def crop_windows(
     *,
     pad_value: int | float | tuple[int, ...] = 255,
     return_mask: bool = False,
+    origin: tuple[int, int] = (0, 0),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Crop square windows centred on points, padding where they leave the image.
 
@@ -61,6 +62,11 @@ def crop_windows(
         invented tissue (mirroring would).
     return_mask
         Also return a per-pixel ``bool`` mask of the pixels that lie inside the image.
+    origin
+        Integer pixel ``(x, y)`` of ``image``'s top-left corner in a larger image that
+        ``centers`` refer to: ``image`` is then a tile of it, and windows are placed exactly
+        as in the larger image (pixels outside the tile count as outside). With a tile that
+        holds every in-image pixel of the windows, the result equals cropping the larger one.
 
     Returns
     -------
@@ -72,6 +78,11 @@ def crop_windows(
     if image.ndim not in (2, 3):
         raise ValueError(f"image must be (height, width[, channels]), got shape {image.shape}.")
     boxes = window_boxes(centers, size)
+    if origin != (0, 0):
+        x, y = (int(v) for v in origin)
+        if (x, y) != tuple(origin):
+            raise ValueError(f"origin must be two integers (x, y), got {origin!r}.")
+        boxes -= np.array([x, y, x, y], dtype=np.int64)
     n = len(boxes)
     h, w = int(boxes[0, 3] - boxes[0, 1]) if n else 0, int(boxes[0, 2] - boxes[0, 0]) if n else 0
     height, width = image.shape[:2]

@@ -24,10 +24,11 @@ from asign_sc._keys import LEVELS, Key
 from asign_sc._stack import Section, SectionStack, resolve_stack
 from asign_sc._utils import copy_data, resolve_device, update_params
 from asign_sc.models.encoders._registry import AUTO, Encoder, get_encoder
-from asign_sc.pp._patches import crop_windows
+from asign_sc.pp._patches import crop_windows, window_boxes
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from distributed import Client
     from spatialdata import SpatialData
 
 __all__ = ["extract_features"]
@@ -40,9 +41,12 @@ UNS_FEATURES = "features"
 #: Where readers store microns per full-resolution pixel: ``uns[Key.uns.stack][this][section]``.
 MICRONS_PER_PIXEL = "microns_per_pixel"
 #: Bump when the stored numbers of a cache entry change meaning.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 #: Spots cropped at once per section and level (memory: this x window_px^2 x 3 bytes).
 _CROP_CHUNK = 512
+#: Side of an image tile in pixels of the pyramid level read: the unit of reading (plus the
+#: window margin) and the task on a Dask client. 2048 px of uint8 RGB is 12 MB.
+_TILE_PX = 2048
 
 
 def extract_features(
@@ -59,6 +63,8 @@ def extract_features(
     precision: Literal["auto", "float32", "bfloat16"] = "auto",
     cache_dir: str | os.PathLike | None = None,
     n_jobs: int | None = None,
+    n_components: int | None = None,
+    client: Client | None = None,
     library_key: str = Key.obs.library,
     key_added: str = "asign",
     show_progress_bar: bool = True,
@@ -68,11 +74,13 @@ def extract_features(
 
     For each spot, square windows of ``windows`` sizes centred on it are cut from the
     section's image, each from the coarsest stored pyramid level that still has at least
-    ``input_size`` pixels across the window (every level is read once per section), padded
-    with white where they leave the image, resized to ``input_size`` (antialiased) and
-    normalised for the encoder. The last feature map of each window is average-pooled into one
-    vector and into a ``tokens x tokens`` grid of vectors, which ASIGN's cross-attention uses
-    as keys.
+    ``input_size`` pixels across the window, padded with white where they leave the image,
+    resized to ``input_size`` (antialiased) and normalised for the encoder. Images are read
+    lazily, tile by tile in raster order (tiles of 2048 pixels of the level read, plus the
+    window margin): a section is never held in memory whole, and each part of a level is
+    read once for all window levels it serves. The last feature map of each window is
+    average-pooled into one vector and into a ``tokens x tokens`` grid of vectors, which
+    ASIGN's cross-attention uses as keys.
 
     Parameters
     ----------
@@ -115,12 +123,25 @@ def extract_features(
         (pooled) and float16 (tokens).
     cache_dir
         Folder for a feature cache keyed on the exact pixels of the windows and on the
-        encoder's weights and every parameter: a repeated call reads images and crops, then
-        loads the features instead of computing them.
+        encoder's weights and every parameter (one entry per image tile and level): a
+        repeated call reads images and crops, then loads the features instead of computing
+        them.
     n_jobs
         CPU threads for the encoder (torch intra-op threads) during this call; ``None`` keeps
         torch's setting (all cores). On a machine whose cores are busy with other work, fewer
         threads can be much faster: torch's OpenMP threads wait for each other at every layer.
+        With ``client``: threads per task on the workers (``None`` keeps the worker's).
+    n_components
+        Reduce the pooled vectors and tokens of each level to this many principal components
+        (PCA fitted on the level's tokens, axes and explained variance recorded in ``uns``),
+        e.g. 64 to store 1280-d tokens 20x smaller. ``None`` keeps the encoder's dimension.
+    client
+        A :class:`dask.distributed.Client`: image tiles become tasks on its cluster (each
+        worker reads its tiles' pixels from the image's dask array and runs the encoder; the
+        encoder is sent to each worker once), with the same results as in-process. Device and
+        precision are resolved on each worker (``device="auto"`` uses a worker's GPU);
+        ``cache_dir`` must then be a folder all workers can reach. ``None``: everything runs
+        in this process. See the "Scaling out" page of the documentation.
     library_key
         Column of ``obs`` naming each spot's section.
     key_added
@@ -142,7 +163,9 @@ def extract_features(
     - ``obs['{key_added}_{level}_padding']``: fraction of each window outside the image
       (filled with white);
     - ``uns[key_added]['features']``: encoder name, weights provenance, window sizes in
-      pixels per section, pyramid scales read, and the other parameters.
+      pixels per section, pyramid scales read, number of tiles, the client, the PCA
+      (``pca``: per level, ``components``, ``mean`` and ``explained_variance_ratio``) and
+      the other parameters.
     """
     data = copy_data(data) if copy else data
     windows = _check_windows(windows)
@@ -151,6 +174,12 @@ def extract_features(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
     if n_jobs is not None and n_jobs < 1:
         raise ValueError(f"n_jobs must be a positive integer or None, got {n_jobs}.")
+    if n_components is not None and (int(n_components) != n_components or n_components < 1):
+        raise ValueError(f"n_components must be a positive integer or None, got {n_components!r}.")
+    if client is not None and not callable(getattr(client, "submit", None)):
+        raise TypeError(
+            f"client must be a dask.distributed.Client (or None), got {type(client).__name__}."
+        )
     if window_unit not in ("px", "um"):
         raise ValueError(f"window_unit must be 'px' or 'um', got {window_unit!r}.")
     precomputed = isinstance(encoder, str) and encoder.lower().startswith("obsm:")
@@ -170,18 +199,32 @@ def extract_features(
     else:
         enc = get_encoder(encoder, weights=weights)
         size = int(input_size or enc.input_size)
-        dev = resolve_device(device)
-        dtype = _resolve_precision(precision, dev)
+        if client is None:
+            _resolve_precision(precision, resolve_device(device))  # fail early, here
+        elif precision not in ("auto", "float32", "bfloat16"):
+            raise ValueError(
+                f"precision must be 'auto', 'float32' or 'bfloat16', got {precision!r}."
+            )
         extractor = _Extractor(
-            enc, device=dev, dtype=dtype, input_size=size, grid=grid, batch_size=batch_size
+            enc,
+            device=device,
+            precision=precision,
+            input_size=size,
+            grid=grid,
+            batch_size=batch_size,
+            n_jobs=n_jobs,
         )
-        cache = _Cache(cache_dir, extractor.cache_params()) if cache_dir is not None else None
-        threads = torch.get_num_threads()
-        torch.set_num_threads(n_jobs or threads)
-        try:
-            result = _from_images(stack, extractor, frame_windows, cache, show_progress_bar)
-        finally:
-            torch.set_num_threads(threads)
+        cache = None
+        if cache_dir is not None and enc.fingerprint is None:
+            warnings.warn(
+                "cache_dir is ignored: the encoder is a plain callable whose weights cannot be "
+                "hashed, so cached features could be stale. Pass a torch.nn.Module instead.",
+                UserWarning,
+                stacklevel=2,
+            )
+        elif cache_dir is not None:
+            cache = _Cache(cache_dir)
+        result = _from_images(stack, extractor, frame_windows, cache, client, show_progress_bar)
         record = {
             "encoder": enc.name,
             "weights": enc.weights,
@@ -190,16 +233,22 @@ def extract_features(
             "input_size": size,
             "mean": enc.mean,
             "std": enc.std,
-            "device": str(dev),
-            "precision": "bfloat16" if dtype == torch.bfloat16 else "float32",
+            "device": ", ".join(result.devices),
+            "precision": ", ".join(result.precisions),
             "batch_size": batch_size,
-            "n_jobs": n_jobs or threads,
+            "n_jobs": n_jobs if client is not None else (n_jobs or torch.get_num_threads()),
+            "client": None if client is None else _describe_client(client),
+            "tiles": result.n_tiles,
+            "tile_px": _TILE_PX,
             "cache_dir": str(cache_dir) if cache_dir is not None else None,
             "cache_hits": result.cache_hits,
             "encoder_params": enc.params,
         }
         if result.pyramid_scale:
             record["pyramid_scale"] = result.pyramid_scale
+
+    if n_components is not None:
+        record["pca"] = _reduce(result, n_components)
 
     for level in LEVELS:
         table.obsm[Key.obsm.features(key_added, level)] = result.pooled[level]
@@ -275,7 +324,6 @@ def _frame_windows(
     return {s.name: tuple(w / float(microns[s.name]) for w in windows) for s in stack}
 
 
-
 def cpu_supports_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX tiles)."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
@@ -304,31 +352,60 @@ class _Result:
     padding: dict[str, np.ndarray]
     pyramid_scale: dict[str, dict[str, float]]
     cache_hits: int = 0
+    n_tiles: int = 0
+    devices: tuple[str, ...] = ()
+    precisions: tuple[str, ...] = ()
 
 
 class _Extractor:
-    """Runs an encoder on uint8 windows: resize, normalise, batch, pool to vector + tokens."""
+    """Runs an encoder on uint8 windows: resize, normalise, batch, pool to vector + tokens.
+
+    Device and precision are resolved, and the inference module built, on first use in the
+    process that runs it: pickled to a Dask worker, it builds there (for that worker's
+    hardware) and once per worker.
+    """
 
     def __init__(
         self,
         encoder: Encoder,
         *,
-        device: torch.device,
-        dtype: torch.dtype,
+        device: str | torch.device,
+        precision: str,
         input_size: int,
         grid: tuple[int, int],
         batch_size: int,
+        n_jobs: int | None = None,
     ):
-        self.encoder, self.device, self.dtype = encoder, device, dtype
+        self.encoder, self.device_request, self.precision = encoder, device, precision
         self.input_size, self.grid, self.batch_size = input_size, grid, batch_size
+        self.n_jobs = n_jobs
         self.is_module = isinstance(encoder.module, torch.nn.Module)
         self.channels_last = self.is_module
-        self.module = encoder.inference_module(device, channels_last=self.channels_last)
         self.dim = encoder.dim
+        self._built = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in ("module", "device", "dtype"):
+            state.pop(name, None)
+        state["_built"] = False
+        return state
+
+    def build(self) -> _Extractor:
+        """Resolve device and precision here and put the module on the device (once)."""
+        if not self._built:
+            self.device = resolve_device(self.device_request)
+            self.dtype = _resolve_precision(self.precision, self.device)
+            self.module = self.encoder.inference_module(
+                self.device, channels_last=self.channels_last
+            )
+            self._built = True
+        return self
 
     def cache_params(self) -> dict[str, Any] | None:
         if self.encoder.fingerprint is None:
             return None
+        self.build()
         return {
             "version": _CACHE_VERSION,
             "encoder": self.encoder.name,
@@ -376,6 +453,7 @@ class _Extractor:
     @torch.inference_mode()
     def __call__(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(n, h, w, 3)`` uint8 windows to pooled ``(n, dim)`` and tokens ``(n, T, dim)``."""
+        self.build()
         x = self._prepare(windows)
         out = self._forward(x)
         if out.ndim == 4:
@@ -403,59 +481,261 @@ class _Extractor:
         return torch.stack(cells, dim=1)
 
 
+@dataclass(frozen=True)
+class _Tile:
+    """The spots of one image tile and the part of a pyramid level their windows cover.
+
+    ``region`` is ``(y0, y1, x0, x1)`` in pixels of the level (clipped to the image) and holds
+    every in-image pixel of the tile's windows; ``centers`` are the spots' centres and
+    ``sizes`` the window side per level sharing this read, both in level pixels.
+    """
+
+    section: str
+    levels: tuple[str, ...]
+    rows: np.ndarray
+    centers: np.ndarray
+    sizes: tuple[tuple[float, float], ...]
+    region: tuple[int, int, int, int]
+
+
+@dataclass
+class _TileResult:
+    tile: _Tile
+    vectors: dict[str, np.ndarray]
+    tokens: dict[str, np.ndarray]
+    inside: dict[str, np.ndarray]
+    cache_hits: int
+    device: str
+    precision: str
+
+
+class _Level:
+    """One pyramid level of a section's image, read lazily region by region.
+
+    SpatialData images are dask arrays: a region read decodes only the chunks it touches.
+    Images that are not ``uint8`` RGB are converted as a whole by the stack first (the
+    conversion needs the whole image's value range).
+    """
+
+    def __init__(self, stack: SectionStack, section: Section, max_side: int):
+        self.array: Any = None
+        if stack.is_spatialdata:
+            from asign_sc._stack import _image_levels
+
+            levels = _image_levels(stack.data.images[section.image_key])
+            chosen = levels[0]
+            for level in levels:
+                if max(level.sizes["y"], level.sizes["x"]) >= max_side:
+                    chosen = level
+            if chosen.dtype == np.uint8 and chosen.sizes.get("c") == 3:
+                self.array = chosen.transpose("y", "x", "c").data
+                h0, w0 = section.image_shape
+                sizes = (chosen.sizes["x"] / w0, chosen.sizes["y"] / h0)
+                self.scale = section.image_scale * np.asarray(sizes, dtype=float)
+        if self.array is None:
+            logger.info("reading the image of section %r whole to convert it", section.name)
+            self.array, self.scale = stack.image(section.name, max_side=max_side)
+        self.shape = (int(self.array.shape[0]), int(self.array.shape[1]))
+
+    def lazy(self, tile: _Tile) -> Any:
+        """The tile's region, not yet read (a dask array, or a view of an array in memory)."""
+        y0, y1, x0, x1 = tile.region
+        return self.array[y0:y1, x0:x1]
+
+
+def _read(region: Any) -> np.ndarray:
+    """Pixels of a region from :meth:`_Level.lazy` (reads the dask chunks it touches)."""
+    if hasattr(region, "compute"):
+        region = region.compute(scheduler="synchronous")
+    return np.ascontiguousarray(region)
+
+
+def _plan_tiles(
+    section: Section,
+    level: _Level,
+    levels: list[str],
+    windows: tuple[float, ...],
+    tile_px: int,
+) -> list[_Tile]:
+    """Tiles of ``tile_px`` level pixels in raster order, each with the spots centred in it."""
+    centers = section.spatial * level.scale
+    sizes = tuple(
+        (windows[LEVELS.index(lv)] * level.scale[0], windows[LEVELS.index(lv)] * level.scale[1])
+        for lv in levels
+    )
+    widest = (max(s[0] for s in sizes), max(s[1] for s in sizes))
+    cell = np.floor(centers / tile_px).astype(np.int64)
+    n_cols = int(cell[:, 0].max()) + 1 if len(cell) else 1
+    order = np.argsort(cell[:, 1] * n_cols + cell[:, 0], kind="stable")
+    tiles = []
+    h, w = level.shape
+    for group in np.split(
+        order, np.flatnonzero(np.diff((cell[order, 1] * n_cols) + cell[order, 0])) + 1
+    ):
+        if not len(group):
+            continue
+        boxes = window_boxes(centers[group], widest)
+        x0, y0 = max(int(boxes[:, 0].min()), 0), max(int(boxes[:, 1].min()), 0)
+        x1, y1 = min(int(boxes[:, 2].max()), w), min(int(boxes[:, 3].max()), h)
+        tiles.append(
+            _Tile(
+                section=section.name,
+                levels=tuple(levels),
+                rows=group,
+                centers=centers[group],
+                sizes=sizes,
+                region=(y0, y1, x0, x1),
+            )
+        )
+    return tiles
+
+
+def _encode_tile(
+    pixels: np.ndarray,
+    tile: _Tile,
+    extractor: _Extractor,
+    cache: _Cache | None,
+    progress: Callable[[int], None] | None = None,
+) -> _TileResult:
+    """Encode every level of one tile: the task a Dask worker runs (and the in-process step)."""
+    extractor.build()
+    threads = torch.get_num_threads()
+    if extractor.n_jobs is not None:
+        torch.set_num_threads(extractor.n_jobs)
+    try:
+        out: dict[str, dict[str, np.ndarray]] = {"vectors": {}, "tokens": {}, "inside": {}}
+        hits = 0
+        params = extractor.cache_params() if cache is not None else None
+        for level, size in zip(tile.levels, tile.sizes, strict=True):
+            key = cache.key(params, pixels, tile, size) if cache is not None else None
+            stored = cache.load(key) if key is not None else None
+            if stored is not None:
+                hits += 1
+                if progress is not None:
+                    progress(len(tile.rows))
+            else:
+                stored = _encode_windows(pixels, tile, size, extractor, progress)
+                if key is not None:
+                    cache.save(key, *stored)
+            out["vectors"][level], out["tokens"][level], out["inside"][level] = stored
+    finally:
+        torch.set_num_threads(threads)
+    precision = "bfloat16" if extractor.dtype == torch.bfloat16 else "float32"
+    return _TileResult(
+        tile, **out, cache_hits=hits, device=str(extractor.device), precision=precision
+    )
+
+
 def _from_images(
     stack: SectionStack,
     extractor: _Extractor,
     frame_windows: dict[str, tuple[float, ...]],
     cache: _Cache | None,
+    client: Any,
     show_progress_bar: bool,
 ) -> _Result:
     from tqdm.auto import tqdm
 
     n_obs = stack.table.n_obs
-    pooled: dict[str, np.ndarray | None] = dict.fromkeys(LEVELS)
-    tokens: dict[str, np.ndarray | None] = dict.fromkeys(LEVELS)
-    padding = {level: np.zeros(n_obs) for level in LEVELS}
-    scales: dict[str, dict[str, float]] = {}
-    hits = 0
+    result = _Result(
+        pooled=dict.fromkeys(LEVELS),  # type: ignore[arg-type]
+        tokens=dict.fromkeys(LEVELS),  # type: ignore[arg-type]
+        padding={level: np.zeros(n_obs) for level in LEVELS},
+        pyramid_scale={},
+    )
+    devices, precisions = set(), set()
     total = n_obs * len(LEVELS)
     with tqdm(total=total, desc="image features", unit="win", disable=not show_progress_bar) as bar:
-        for section in stack:
-            scales[section.name] = {}
-            image, scale = None, None
-            for max_side, levels in _read_plan(
-                section, frame_windows[section.name], extractor.input_size
-            ).items():
-                # Requests come coarse to fine; the image at hand serves every request its
-                # long side meets (no coarser level can), so each level is read once.
-                if image is None or max(image.shape[:2]) < max_side:
-                    image = None
-                    image, scale = stack.image(section.name, max_side=max_side)
-                for level in levels:
-                    index = LEVELS.index(level)
-                    window = frame_windows[section.name][index]
-                    centers = section.spatial * scale
-                    size = (window * scale[0], window * scale[1])
-                    scales[section.name][level] = float(scale[0])
-                    key = cache.key(image, centers, size) if cache is not None else None
-                    stored = cache.load(key) if key is not None else None
-                    if stored is not None:
-                        vec, tok, inside = stored
-                        hits += 1
-                        bar.update(section.n_spots)
-                    else:
-                        vec, tok, inside = _encode_windows(image, centers, size, extractor, bar)
-                        if key is not None:
-                            cache.save(key, vec, tok, inside)
-                    if pooled[level] is None:
-                        pooled[level] = np.zeros((n_obs, vec.shape[1]), np.float32)
-                        tokens[level] = np.zeros((n_obs, *tok.shape[1:]), np.float16)
-                    pooled[level][section.rows] = vec
-                    tokens[level][section.rows] = tok
-                    padding[level][section.rows] = 1.0 - inside
-            del image  # free the section's pixels before reading the next section
-    _check_finite(pooled, extractor.encoder.name)
-    return _Result(pooled, tokens, padding, scales, hits)  # type: ignore[arg-type]
+        if client is None:
+            done: Iterator[_TileResult] = (
+                _encode_tile(_read(level.lazy(tile)), tile, extractor, cache, bar.update)
+                for level, tile in _tiles(stack, frame_windows, extractor.input_size, result)
+            )
+        else:
+            done = _on_client(client, stack, frame_windows, extractor, cache, result, bar)
+        for item in done:
+            section = stack[item.tile.section]
+            rows = section.rows[item.tile.rows]
+            for level in item.tile.levels:
+                vec, tok = item.vectors[level], item.tokens[level]
+                if result.pooled[level] is None:
+                    result.pooled[level] = np.zeros((n_obs, vec.shape[1]), np.float32)
+                    result.tokens[level] = np.zeros((n_obs, *tok.shape[1:]), np.float16)
+                result.pooled[level][rows] = vec
+                result.tokens[level][rows] = tok
+                result.padding[level][rows] = 1.0 - item.inside[level]
+            result.cache_hits += item.cache_hits
+            result.n_tiles += 1
+            devices.add(item.device)
+            precisions.add(item.precision)
+    result.devices, result.precisions = tuple(sorted(devices)), tuple(sorted(precisions))
+    _check_finite(result.pooled, extractor.encoder.name)
+    return result
+
+
+def _tiles(
+    stack: SectionStack,
+    frame_windows: dict[str, tuple[float, ...]],
+    input_size: int,
+    result: _Result,
+) -> Iterator[tuple[_Level, _Tile]]:
+    """Every tile of every section and pyramid read, sections in order, tiles in raster order.
+
+    Reads that serve several window levels (the same pyramid level) share their tiles, so
+    each part of a level is read once (plus the window margin around each tile).
+    """
+    for section in stack:
+        result.pyramid_scale[section.name] = {}
+        reads: list[tuple[_Level, list[str]]] = []
+        plan = _read_plan(section, frame_windows[section.name], input_size)
+        for max_side, levels in plan.items():
+            # Requests come coarse to fine; the level at hand serves every request its long
+            # side meets (no coarser level can), so each level is opened once.
+            if reads and max(reads[-1][0].shape) >= max_side:
+                reads[-1][1].extend(levels)
+            else:
+                reads.append((_Level(stack, section, max_side), list(levels)))
+        for level, levels in reads:
+            for name in levels:
+                result.pyramid_scale[section.name][name] = float(level.scale[0])
+            for tile in _plan_tiles(section, level, levels, frame_windows[section.name], _TILE_PX):
+                yield level, tile
+
+
+def _on_client(
+    client: Any,
+    stack: SectionStack,
+    frame_windows: dict[str, tuple[float, ...]],
+    extractor: _Extractor,
+    cache: _Cache | None,
+    result: _Result,
+    bar: Any,
+) -> Iterator[_TileResult]:
+    """Tiles as tasks on a ``dask.distributed`` client, results as they complete.
+
+    The encoder goes to every worker once (``scatter``); each tile's pixels are read by the
+    cluster (``client.compute`` of the dask region) and encoded by a task on the worker that
+    holds them.
+    """
+    from distributed import as_completed
+
+    shipped = client.scatter(extractor, broadcast=True, hash=False)
+    futures = []
+    for level, tile in _tiles(stack, frame_windows, extractor.input_size, result):
+        region = level.lazy(tile)
+        pixels = (
+            client.compute(region)
+            if hasattr(region, "dask")
+            else client.scatter(np.ascontiguousarray(region), hash=False)
+        )
+        futures.append(client.submit(_encode_tile, pixels, tile, shipped, cache, pure=False))
+    try:
+        for future in as_completed(futures):
+            item = future.result()
+            bar.update(len(item.tile.rows) * len(item.tile.levels))
+            yield item
+    finally:
+        client.cancel(futures)
 
 
 def _read_plan(
@@ -485,22 +765,31 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
+def _crops(
+    pixels: np.ndarray, tile: _Tile, size: tuple[float, float]
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The tile's windows of one level and their inside fractions, ``_CROP_CHUNK`` at a time."""
+    origin = (tile.region[2], tile.region[0])
+    for chunk in _chunks(len(tile.centers), _CROP_CHUNK):
+        yield crop_windows(pixels, tile.centers[chunk], size, origin=origin)
+
+
 def _encode_windows(
-    image: np.ndarray,
-    centers: np.ndarray,
+    pixels: np.ndarray,
+    tile: _Tile,
     size: tuple[float, float],
     extractor: _Extractor,
-    bar: Any,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     vectors, grids, inside = [], [], []
-    for chunk in _chunks(len(centers), _CROP_CHUNK):
-        windows, frac = crop_windows(image, centers[chunk], size)
+    for windows, frac in _crops(pixels, tile, size):
         inside.append(frac)
         for batch in _chunks(len(windows), extractor.batch_size):
             vec, tok = extractor(windows[batch])
             vectors.append(vec)
             grids.append(tok.astype(np.float16))
-            bar.update(batch.stop - batch.start)
+            if progress is not None:
+                progress(batch.stop - batch.start)
     return np.concatenate(vectors), np.concatenate(grids), np.concatenate(inside)
 
 
@@ -513,34 +802,84 @@ def _check_finite(pooled: dict[str, np.ndarray | None], name: str) -> None:
             )
 
 
+def _describe_client(client: Any) -> str:
+    """The scheduler address and worker count of a Dask client, for the record."""
+    try:
+        workers = len(client.scheduler_info().get("workers", {}))
+    except (OSError, AttributeError, TypeError):
+        workers = -1
+    return f"{getattr(client.scheduler, 'address', client)} ({workers} workers)"
+
+
+#: Token rows used to fit the reduction of one level (a random subset above this).
+_PCA_FIT_ROWS = 100_000
+
+
+def _reduce(result: _Result, n_components: int) -> dict[str, dict[str, Any]]:
+    """Project every level's pooled vectors and tokens on the top principal axes of its tokens.
+
+    One PCA per level, fitted on the level's tokens (every spot's grid cells); pooled
+    vectors (means of tokens for a conv encoder) go through the same map, so both keep one
+    dimension. Returns the record per level: axes, mean and explained variance ratio.
+    """
+    from sklearn.decomposition import PCA
+
+    record = {}
+    for level in LEVELS:
+        tokens = result.tokens[level]
+        n_obs, n_tok, dim = tokens.shape
+        if n_components > dim:
+            raise ValueError(
+                f"n_components={n_components} exceeds the feature dimension ({dim}) of the "
+                f"{level} level; choose at most {dim}."
+            )
+        flat = tokens.reshape(-1, dim)
+        rng = np.random.default_rng(0)
+        fit = (
+            flat
+            if len(flat) <= _PCA_FIT_ROWS
+            else flat[np.sort(rng.choice(len(flat), _PCA_FIT_ROWS, replace=False))]
+        )
+        pca = PCA(n_components=min(n_components, len(fit)), random_state=0)
+        pca.fit(fit.astype(np.float32))
+        reduced = np.empty((n_obs, n_tok, pca.n_components_), np.float16)
+        for chunk in _chunks(n_obs, 4096):
+            part = tokens[chunk].reshape(-1, dim).astype(np.float32)
+            reduced[chunk] = pca.transform(part).reshape(-1, n_tok, pca.n_components_)
+        result.tokens[level] = reduced
+        result.pooled[level] = pca.transform(result.pooled[level]).astype(np.float32)
+        record[level] = {
+            "n_components": int(pca.n_components_),
+            "components": pca.components_.astype(np.float32),
+            "mean": pca.mean_.astype(np.float32),
+            "explained_variance_ratio": pca.explained_variance_ratio_.astype(np.float32),
+        }
+    return record
+
+
 # -- cache --------------------------------------------------------------------------------
 class _Cache:
-    """Features of one (section, level) on disk, keyed on window pixels + parameters."""
+    """Features of one tile and level on disk, keyed on its window pixels + parameters.
 
-    def __init__(self, folder: str | os.PathLike, params: dict[str, Any] | None):
+    A plain folder: on a cluster, give a folder every worker can reach.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        self.params = params
-        if params is None:
-            warnings.warn(
-                "cache_dir is ignored: the encoder is a plain callable whose weights cannot be "
-                "hashed, so cached features could be stale. Pass a torch.nn.Module instead.",
-                UserWarning,
-                stacklevel=4,
-            )
-        else:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._prefix = json.dumps(params, sort_keys=True, default=str).encode()
+        self.folder.mkdir(parents=True, exist_ok=True)
 
-    def key(self, image: np.ndarray, centers: np.ndarray, size: tuple[float, float]) -> str | None:
-        if self.params is None:
-            return None
-        digest = hashlib.blake2b(self._prefix, digest_size=20)
+    def key(
+        self, params: dict[str, Any], pixels: np.ndarray, tile: _Tile, size: tuple[float, float]
+    ) -> str:
+        digest = hashlib.blake2b(
+            json.dumps(params, sort_keys=True, default=str).encode(), digest_size=20
+        )
         # The key is the exact pixels the encoder would see (window by window), so any change
         # to the image, the spot positions or the window size gives a new entry.
-        for chunk in _chunks(len(centers), _CROP_CHUNK):
-            windows, _ = crop_windows(image, centers[chunk], size)
+        for windows, inside in _crops(pixels, tile, size):
             digest.update(str(windows.shape).encode())
             digest.update(memoryview(np.ascontiguousarray(windows)).cast("B"))
+            digest.update(inside.tobytes())
         return digest.hexdigest()
 
     def load(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

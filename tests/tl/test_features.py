@@ -10,11 +10,10 @@ from torch import nn
 
 from asign_sc import Key
 from asign_sc._errors import InvalidStackError
-from asign_sc._stack import SectionStack
+from asign_sc._keys import LEVELS
 from asign_sc.io import SectionInput, build_spatialdata
 from asign_sc.models.encoders import get_encoder
 from asign_sc.tl import extract_features
-from asign_sc._keys import LEVELS
 from asign_sc.tl._features import _read_plan, cpu_supports_bf16
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -195,6 +194,8 @@ def test_n_jobs_applies_during_the_call_only(sdata, monkeypatch):
 
 
 def test_each_pyramid_level_is_read_once_per_section(monkeypatch):
+    from asign_sc.tl import _features
+
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, size=(1100, 1100, 3), dtype=np.uint8)
     xy = rng.uniform(100, 1000, size=(6, 2))
@@ -211,25 +212,186 @@ def test_each_pyramid_level_is_read_once_per_section(monkeypatch):
             )
         ]
     )
-    calls = []
-    original = SectionStack.image
+    opened, reads = [], []
+    original_level, original_read = _features._Level.__init__, _features._read
 
-    def spy(self, name, *, max_side=None):
-        out = original(self, name, max_side=max_side)
-        calls.append((name, max_side, out[0].shape[0]))
+    def spy_level(self, stack, section, max_side):
+        original_level(self, stack, section, max_side)
+        opened.append(self.shape[0])
+
+    def spy_read(region):
+        out = original_read(region)
+        reads.append(out.shape)
         return out
 
-    monkeypatch.setattr(SectionStack, "image", spy)
+    monkeypatch.setattr(_features._Level, "__init__", spy_level)
+    monkeypatch.setattr(_features, "_read", spy_read)
     conv = nn.Conv2d(3, 4, 4, stride=4)
     extract_features(
         sdata, encoder=conv, windows=(32, 64, 128), input_size=32, tokens=2, show_progress_bar=False
     )
     # Levels of 1100 and 550 px. The 32 px window needs full resolution for a 32 px input;
-    # the 64 and 128 px windows still span >= 32 px at half resolution: one read each.
-    heights = sorted(h for _, _, h in calls)
-    assert heights == [550, 1100]
+    # the 64 and 128 px windows still span >= 32 px at half resolution: one read each, and
+    # a read covers the spots' windows only (one tile: the image is below 2048 px).
+    assert sorted(opened) == [550, 1100]
+    assert len(reads) == 2
+    assert all(h < 1100 and w < 1100 for h, w, _ in reads)
     scales = sdata.tables["table"].uns["asign"]["features"]["pyramid_scale"]["A"]
     assert scales["spot"] == 1.0 and scales["region"] == 0.5 and scales["global"] == 0.5
+
+
+def reference_features(sdata, encoder, *, windows, input_size, tokens, batch_size=32):
+    """The features as computed before tiled reading: whole image per pyramid read, spots in
+    table order, crops of 512 spots, batches of ``batch_size``."""
+    from asign_sc._stack import resolve_stack
+    from asign_sc.pp import crop_windows
+    from asign_sc.tl._features import _Extractor
+
+    stack = resolve_stack(sdata)
+    ext = _Extractor(
+        get_encoder(encoder),
+        device="cpu",
+        precision="float32",
+        input_size=input_size,
+        grid=(tokens, tokens),
+        batch_size=batch_size,
+    )
+    out = {}
+    for section in stack:
+        plan = _read_plan(section, tuple(float(w) for w in windows), input_size)
+        for max_side, levels in plan.items():
+            image, scale = stack.image(section.name, max_side=max_side)
+            for level in levels:
+                w = windows[LEVELS.index(level)]
+                vec, tok, pad = [], [], []
+                for start in range(0, section.n_spots, 512):
+                    centers = section.spatial[start : start + 512] * scale
+                    crops, inside = crop_windows(image, centers, (w * scale[0], w * scale[1]))
+                    pad.append(1 - inside)
+                    for b in range(0, len(crops), batch_size):
+                        v, t = ext(crops[b : b + batch_size])
+                        vec.append(v)
+                        tok.append(t.astype(np.float16))
+                for name, parts in (("pooled", vec), ("tokens", tok), ("padding", pad)):
+                    out.setdefault((name, level), {})[section.name] = np.concatenate(parts)
+    table = sdata.tables["table"]
+    return {
+        key: np.concatenate([parts[s.name] for s in stack]) for key, parts in out.items()
+    }, np.concatenate([s.rows for s in stack]), table
+
+
+def test_default_equals_whole_image_reference(sdata):
+    """Tiled lazy reading changes nothing: same pixels, same batches, same numbers."""
+    conv = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU(), nn.Conv2d(8, 6, 2, stride=2))
+    extract_features(sdata, encoder=conv, precision="float32", **FAST)
+    expected, rows, table = reference_features(
+        sdata, conv, windows=FAST["windows"], input_size=64, tokens=2
+    )
+    for level in LEVELS:
+        np.testing.assert_array_equal(
+            table.obsm[Key.obsm.features("asign", level)][rows], expected["pooled", level]
+        )
+        np.testing.assert_array_equal(
+            table.obsm[Key.obsm.tokens("asign", level)][rows], expected["tokens", level]
+        )
+        np.testing.assert_array_equal(
+            table.obs[Key.obs.window_padding("asign", level)].to_numpy()[rows],
+            expected["padding", level],
+        )
+
+
+def test_small_tiles_read_parts_in_raster_order_with_the_same_features(sdata, monkeypatch):
+    from asign_sc.tl import _features
+
+    conv = nn.Conv2d(3, 4, 4, stride=4)
+    extract_features(sdata, encoder=conv, precision="float32", **FAST)
+    table = sdata.tables["table"]
+    whole = {k: table.obsm[k].copy() for k in table.obsm if k.startswith("X_asign")}
+    padding = table.obs.filter(like="padding").copy()
+
+    tiles = []
+    original = _features._plan_tiles
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        tiles.append(out)
+        return out
+
+    monkeypatch.setattr(_features, "_TILE_PX", 40)
+    monkeypatch.setattr(_features, "_plan_tiles", spy)
+    extract_features(sdata, encoder=conv, precision="float32", **FAST)
+    assert table.uns["asign"]["features"]["tiles"] == sum(len(t) for t in tiles) > 2 * 3
+    for read in tiles:
+        cells = [(int(t.centers[0, 1] // 40), int(t.centers[0, 0] // 40)) for t in read]
+        assert cells == sorted(cells)  # raster order: row by row, left to right
+        for tile in read:
+            y0, y1, x0, x1 = tile.region
+            widest = max(max(s) for s in tile.sizes)
+            assert y1 - y0 <= 40 + widest + 1 and x1 - x0 <= 40 + widest + 1
+    for key, value in whole.items():
+        # Other spots share a batch: equal up to float rounding of batched convolutions.
+        np.testing.assert_allclose(
+            table.obsm[key].astype(np.float32), value.astype(np.float32), rtol=2e-3, atol=2e-3
+        )
+    pd.testing.assert_frame_equal(table.obs.filter(like="padding"), padding)
+
+
+@pytest.mark.slow  # two worker processes start and import torch: ~20 s on 2 cores
+def test_dask_client_gives_the_in_process_features(sdata, monkeypatch):
+    distributed = pytest.importorskip("distributed")
+    from asign_sc.tl import _features
+
+    monkeypatch.setattr(_features, "_TILE_PX", 64)  # several tiles (tasks) per section
+    conv = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU(), nn.Conv2d(8, 6, 2, stride=2))
+    kwargs = {**FAST, "precision": "float32", "n_jobs": 1}
+    extract_features(sdata, encoder=conv, **kwargs)
+    table = sdata.tables["table"]
+    local = {k: table.obsm[k].copy() for k in table.obsm if k.startswith("X_asign")}
+    local_padding = table.obs.filter(like="padding").copy()
+    n_tiles = table.uns["asign"]["features"]["tiles"]
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        extract_features(sdata, encoder=conv, client=client, **kwargs)
+        ran = client.run(lambda: 1)
+    assert len(ran) == 2
+    record = table.uns["asign"]["features"]
+    assert "2 workers" in record["client"] and record["tiles"] == n_tiles > 2
+    assert record["device"] == "cpu" and record["precision"] == "float32"
+    for key, value in local.items():
+        np.testing.assert_array_equal(table.obsm[key], value)
+    pd.testing.assert_frame_equal(table.obs.filter(like="padding"), local_padding)
+
+
+def test_n_components_stores_a_pca_of_each_level(sdata):
+    conv = nn.Conv2d(3, 6, 4, stride=4)
+    extract_features(sdata, encoder=conv, precision="float32", **FAST)
+    table = sdata.tables["table"]
+    full = {lv: table.obsm[Key.obsm.tokens("asign", lv)].astype(np.float32) for lv in LEVELS}
+    extract_features(sdata, encoder=conv, precision="float32", n_components=3, **FAST)
+    record = table.uns["asign"]["features"]["pca"]
+    for level in LEVELS:
+        tokens = table.obsm[Key.obsm.tokens("asign", level)]
+        pooled = table.obsm[Key.obsm.features("asign", level)]
+        assert tokens.dtype == np.float16 and tokens.shape == (table.n_obs, 4, 3)
+        assert pooled.shape == (table.n_obs, 3)
+        pca = record[level]
+        ratio = np.asarray(pca["explained_variance_ratio"])
+        assert np.all(np.diff(ratio) <= 1e-6) and 0 < ratio.sum() <= 1 + 1e-6
+        # The stored axes and mean map the reduced tokens back near the full ones.
+        back = tokens.astype(np.float32) @ np.asarray(pca["components"]) + np.asarray(pca["mean"])
+        residual = np.linalg.norm(back - full[level]) / np.linalg.norm(full[level] - pca["mean"])
+        assert residual**2 == pytest.approx(1 - ratio.sum(), abs=0.02)
+    # All axes: nothing lost.
+    extract_features(sdata, encoder=conv, precision="float32", n_components=6, **FAST)
+    pca = table.uns["asign"]["features"]["pca"]["spot"]
+    back = table.obsm["X_asign_spot_tokens"].astype(np.float32) @ pca["components"] + pca["mean"]
+    np.testing.assert_allclose(back, full["spot"], atol=0.02)
+    with pytest.raises(ValueError, match="exceeds the feature dimension"):
+        extract_features(sdata, encoder=conv, n_components=7, **FAST)
 
 
 def test_legacy_anndata_with_a_downscaled_image(sections, encoder):
@@ -343,6 +505,8 @@ def test_windows_in_micrometres(sections, encoder):
         ({"window_unit": "mm"}, ValueError, "window_unit"),
         ({"encoder": "no_such_encoder"}, ValueError, "Registered encoders"),
         ({"encoder": "obsm:missing"}, InvalidStackError, "missing"),
+        ({"n_components": 0}, ValueError, "n_components"),
+        ({"client": "tcp://127.0.0.1:8786"}, TypeError, "dask.distributed.Client"),
     ],
 )
 def test_bad_parameters(sdata, kwargs, error, match):
