@@ -15,7 +15,7 @@ spots; inside a SpatialData it is the table element) and, for spatial transforma
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,15 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-__all__ = ["Section", "SectionStack", "get_table", "resolve_stack", "validate_counts"]
+__all__ = [
+    "Section",
+    "SectionStack",
+    "check_image_resolution",
+    "get_table",
+    "resolve_stack",
+    "to_uint8_rgb",
+    "validate_counts",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -327,32 +335,56 @@ def resolve_stack(
 
 
 def validate_counts(
-    table: AnnData, *, layer: str | None = None, rows: np.ndarray | None = None
+    table: AnnData,
+    counts_layer: str | None = None,
+    *,
+    rows: np.ndarray | Mapping[str, np.ndarray] | None = None,
+    what: str = "measured sections",
+    layer: str | None = None,
 ) -> None:
-    """Check that the expression matrix holds numeric, finite, non-negative counts.
+    """Check that the expression matrix holds raw counts: numeric, finite, non-negative integers.
 
     Parameters
     ----------
     table
         The spot table.
-    layer
-        Layer holding counts; ``None`` means ``X``.
+    counts_layer
+        Layer holding raw counts; ``None`` means ``X``.
     rows
         Only these rows are checked (the measured sections); rows of sections whose
-        expression is unknown may hold anything.
+        expression is unknown may hold anything. A mapping ``{section: rows}`` also makes a
+        section whose counts are all zero an error (naming the section). ``None``: all rows.
+    what
+        How the messages call the checked rows, e.g. ``"known sections"``.
+    layer
+        Former name of ``counts_layer``; use ``counts_layer``.
+
+    Raises
+    ------
+    InvalidStackError
+        Missing layer, non-numeric, NaN/infinite, negative or non-integer values (such as
+        log-normalised data; the message names the layers that do hold counts), or an
+        all-zero section.
     """
-    if layer is not None and layer not in table.layers:
+    if layer is not None:
+        if counts_layer is not None and counts_layer != layer:
+            raise TypeError("Pass counts_layer= only (layer= is its former name).")
+        counts_layer = layer
+    if counts_layer is not None and counts_layer not in table.layers:
         raise InvalidStackError(
-            f"layers[{layer!r}] is missing; the table has layers {list(table.layers)}. "
-            "Pass layer=None to use X."
+            f"layers[{counts_layer!r}] is missing; the table has layers {list(table.layers)}. "
+            "Pass counts_layer=None to use X, or one of those layers."
         )
-    where = f"layers[{layer!r}]" if layer is not None else "X"
-    matrix = table.layers[layer] if layer is not None else table.X
-    if matrix is None:
+    where = f"layers[{counts_layer!r}]" if counts_layer is not None else "X"
+    full = table.layers[counts_layer] if counts_layer is not None else table.X
+    if full is None:
         raise InvalidStackError(f"{where} is empty: the table holds no expression values.")
-    if rows is not None:
-        matrix = matrix[rows]
-    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
+    by_section = dict(rows) if isinstance(rows, Mapping) else None
+    if by_section is not None:
+        rows = np.concatenate([np.asarray(r, dtype=int) for r in by_section.values()] or [[]])
+        rows = rows.astype(int)
+    matrix = full[rows] if rows is not None else full
+    values = _matrix_values(matrix)
     if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.bool_):
         raise InvalidStackError(
             f"{where} has dtype {values.dtype}, not numbers. Store raw counts as integers or "
@@ -360,15 +392,113 @@ def validate_counts(
         )
     if values.size and not np.all(np.isfinite(values)):
         raise InvalidStackError(
-            f"{where} holds NaN or infinite values in measured sections. Counts must be "
-            "finite; mark sections without measurements as unknown (known_sections=) "
-            "instead of filling them with NaN."
+            f"{where} holds NaN or infinite values in {what}. Counts must be finite; mark "
+            "sections without measurements as unknown (known_sections=) instead of filling "
+            "them with NaN."
         )
     if values.size and values.min() < 0:
         raise InvalidStackError(
-            f"{where} holds negative values (min {values.min():g}): asign_sc expects raw "
-            "counts. Pass layer= naming a layer of raw counts, or store counts in X."
+            f"{where} holds negative values in {what} (min {values.min():g}): asign_sc "
+            f"expects raw counts. {_counts_hint(table, counts_layer)}"
         )
+    fractional = _non_integer(values)
+    if fractional.size:
+        raise InvalidStackError(
+            f"{where} holds non-integer values in {what} (e.g. "
+            f"{', '.join(f'{v:.4g}' for v in fractional[:3])}): it looks normalised or "
+            f"log-transformed, and asign_sc normalises raw counts itself. "
+            f"{_counts_hint(table, counts_layer)}"
+        )
+    if by_section:
+        empty = [
+            name
+            for name, section_rows in by_section.items()
+            if len(section_rows) and not _matrix_values(full[np.asarray(section_rows)]).any()
+        ]
+        if empty:
+            raise InvalidStackError(
+                f"{where} is all zero in section(s) {empty} of the {what}: nothing was "
+                "measured there. Check counts_layer=, or leave those sections out of "
+                "known_sections=."
+            )
+
+
+def _matrix_values(matrix: Any) -> np.ndarray:
+    """The stored values of a dense or sparse matrix (for sparse: the explicit entries)."""
+    if sp.issparse(matrix):
+        return np.asarray(matrix.data)
+    return np.asarray(matrix)
+
+
+def _non_integer(values: np.ndarray, *, limit: int = 3) -> np.ndarray:
+    """Up to ``limit`` values with a fractional part (beyond float32 rounding)."""
+    if not values.size or np.issubdtype(values.dtype, np.integer):
+        return values[:0].ravel()
+    flat = values.ravel()
+    bad = np.abs(flat - np.round(flat)) > 1e-3
+    return flat[bad][:limit]
+
+
+def _counts_hint(table: AnnData, counts_layer: str | None) -> str:
+    """Say which layers hold raw counts (non-negative integers), to pass as counts_layer=."""
+    candidates = []
+    for name in [None, *table.layers]:
+        if name == counts_layer:
+            continue
+        matrix = table.X if name is None else table.layers[name]
+        values = _matrix_values(matrix) if matrix is not None else np.empty(0)
+        if (
+            np.issubdtype(values.dtype, np.number)
+            and values.size
+            and np.all(np.isfinite(values))
+            and values.min() >= 0
+            and not _non_integer(values, limit=1).size
+        ):
+            candidates.append(name)
+    if candidates:
+        return f"Pass counts_layer={candidates[0]!r}, which holds raw counts" + (
+            " (X)." if candidates[0] is None else "."
+        )
+    return (
+        "Pass counts_layer= naming a layer of raw counts, or store raw counts in X "
+        f"(the table has layers {list(table.layers)}, none of them raw counts)."
+    )
+
+
+#: Fewest image pixels across a spot window for image features to mean anything.
+MIN_WINDOW_PX = 16
+
+
+def check_image_resolution(stack: SectionStack, window: float) -> list[str]:
+    """Warn about sections whose images show a spot window in fewer than a few pixels.
+
+    Parameters
+    ----------
+    stack
+        The resolved stack.
+    window
+        Side of the smallest feature window, in full-resolution (frame) pixels.
+
+    Returns
+    -------
+    The sections warned about.
+    """
+    small = {
+        s.name: window * s.image_scale
+        for s in stack
+        if s.has_image and window * s.image_scale < MIN_WINDOW_PX
+    }
+    if small:
+        logger.warning(
+            "The spot window (%.0f px of the section frame) is only %s px wide in the images "
+            "of sections %s (fewer than %d px): image features there carry little "
+            "information. Use higher-resolution images.",
+            window,
+            ", ".join(f"{v:.1f}" for v in small.values()),
+            list(small),
+            MIN_WINDOW_PX,
+        )
+    return list(small)
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -500,19 +630,89 @@ def _legacy_image(
     library = table.uns[Key.uns.spatial][section.name]
     images, scalefactors = library[Key.legacy.images], library[Key.legacy.scalefactors]
     key = _legacy_best_image(images, scalefactors, max_side, section.name)
-    image = _as_uint8_hwc(np.asarray(images[key]))
+    image = to_uint8_rgb(np.asarray(images[key]), what=f"The image of section {section.name!r}")
     scale = _legacy_scalef(scalefactors, key, section.name)
     return image, np.array([scale, scale])
 
 
-def _as_uint8_hwc(image: np.ndarray) -> np.ndarray:
+def to_uint8_rgb(image: np.ndarray, *, what: str = "The image") -> np.ndarray:
+    """An image as ``(y, x, 3)`` ``uint8`` RGB, converted from any common layout and dtype.
+
+    Layouts: ``(y, x)`` grey and ``(y, x, 1)`` are repeated to RGB; ``(y, x, 2)`` (grey +
+    alpha) and ``(y, x, 4)`` (RGBA) are composited over white (the slide background).
+    Values: ``uint8`` as is; other integers with values in 0-255 as is, in 0-65535 (16 bit)
+    scaled by 255/65535; floats in [0, 1] scaled by 255, in [0, 255] rounded.
+
+    Parameters
+    ----------
+    image
+        The image, channels last.
+    what
+        How messages name the image, e.g. ``"the image of section 'S1'"``.
+
+    Raises
+    ------
+    InvalidStackError
+        Another shape, an empty image, boolean or complex values, NaN/infinite, negative
+        values or values beyond 16 bit (the message names the dtype and the range).
+    """
+    image = np.asarray(image)
     if image.ndim == 2:
         image = image[..., None]
-    if image.dtype != np.uint8:
-        if np.issubdtype(image.dtype, np.floating) and image.max() <= 1.0:
-            image = image * 255.0
-        image = np.clip(image, 0, 255).astype(np.uint8)
-    return image[..., :3] if image.shape[-1] >= 3 else image
+    if image.ndim != 3 or image.shape[-1] not in (1, 2, 3, 4):
+        raise InvalidStackError(
+            f"{what} has shape {image.shape}; expected (y, x) grey or (y, x, c) with c = 1, "
+            "2, 3 or 4 channels last (transpose a (c, y, x) array with "
+            "image.transpose(1, 2, 0))."
+        )
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise InvalidStackError(f"{what} is empty (shape {image.shape}).")
+    dtype = image.dtype
+    if dtype != np.uint8:
+        image = _rescale_to_uint8(image, what)
+    if image.shape[-1] in (2, 4):
+        alpha = image[..., -1:].astype(np.float32) / 255.0
+        colour = image[..., :-1].astype(np.float32)
+        image = np.round(colour * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    return image
+
+
+def _rescale_to_uint8(image: np.ndarray, what: str) -> np.ndarray:
+    dtype = image.dtype
+    numeric = np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
+    if not numeric:
+        raise InvalidStackError(
+            f"{what} has dtype {dtype}; an H&E image needs integer or float intensities "
+            "(e.g. uint8 RGB)."
+        )
+    if np.issubdtype(dtype, np.floating) and not np.all(np.isfinite(image)):
+        raise InvalidStackError(f"{what} (dtype {dtype}) holds NaN or infinite values.")
+    low, high = float(image.min()), float(image.max())
+    if low < 0:
+        raise InvalidStackError(
+            f"{what} (dtype {dtype}) has negative values (min {low:g}); intensities must "
+            "be 0-255 (8 bit), 0-65535 (16 bit) or, for floats, 0-1."
+        )
+    if np.issubdtype(dtype, np.floating):
+        if high <= 1.0:
+            return np.round(image * 255.0).astype(np.uint8)
+        if high <= 255.0:
+            return np.round(image).astype(np.uint8)
+        raise InvalidStackError(
+            f"{what} has dtype {dtype} with values up to {high:g}; float images must lie in "
+            "[0, 1] or [0, 255]. Rescale it, e.g. (image / image.max() * 255).astype('uint8')."
+        )
+    if high <= 255:
+        return image.astype(np.uint8)
+    if high <= 65535:
+        logger.info("%s has dtype %s (16 bit): scaled to 8 bit by 255/65535", what, dtype)
+        return np.round(image.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
+    raise InvalidStackError(
+        f"{what} has dtype {dtype} with values up to {high:g}, beyond 16 bit; rescale it to "
+        "8 bit (0-255) first."
+    )
 
 
 # -- SpatialData ------------------------------------------------------------------------
@@ -566,9 +766,7 @@ def _sdata_section(
         )
     shapes_key = str(section_regions[0])
     if shapes_key not in regions or shapes_key not in sdata.shapes:
-        problem = (
-            "not a shapes element" if shapes_key not in sdata.shapes else "not a table region"
-        )
+        problem = "not a shapes element" if shapes_key not in sdata.shapes else "not a table region"
         raise InvalidStackError(
             f"Section {name!r} refers to region {shapes_key!r}, which is {problem}"
             f" (shapes: {list(sdata.shapes)}, table regions: {regions}). Make "
@@ -661,4 +859,4 @@ def _sdata_image(
     array = np.asarray(chosen.transpose("y", "x", "c").values)
     h0, w0 = section.image_shape
     scale = section.image_scale * np.array([chosen.sizes["x"] / w0, chosen.sizes["y"] / h0])
-    return _as_uint8_hwc(array), scale
+    return to_uint8_rgb(array, what=f"The image of section {section.name!r}"), scale

@@ -215,3 +215,86 @@ def test_copy_data_is_deep(synthetic_small):
     copied = copy_data(sdata)
     copied.tables["table"].obsm["spatial"][:] = 0
     assert np.abs(sdata.tables["table"].obsm["spatial"]).sum() > 0
+
+
+def test_log_normalised_counts_name_the_layer_to_pass():
+    counts = np.array([[1.0, 3.0], [0.0, 2.0]], dtype=np.float32)
+    adata = AnnData(X=np.log1p(counts), layers={"counts": counts})
+    with pytest.raises(InvalidStackError, match=r"non-integer.*counts_layer='counts'"):
+        validate_counts(adata)
+    validate_counts(adata, "counts")
+    # the other way round: raw counts in X, a normalised layer named as counts_layer
+    adata = AnnData(X=counts, layers={"lognorm": np.log1p(counts)})
+    with pytest.raises(InvalidStackError, match=r"layers\['lognorm'\].*counts_layer=None"):
+        validate_counts(adata, counts_layer="lognorm")
+
+
+def test_counts_validation_on_sparse_matrices_checks_stored_values():
+    adata = AnnData(X=sp.csr_matrix(np.array([[0.0, 2.5], [0.0, 1.0]], dtype=np.float32)))
+    with pytest.raises(InvalidStackError, match=r"X holds non-integer values .*2\.5"):
+        validate_counts(adata)
+    validate_counts(adata, rows=np.array([1]))
+
+
+def test_all_zero_known_section_is_an_error():
+    adata = AnnData(X=np.array([[1.0, 2.0], [0.0, 0.0], [0.0, 0.0]]))
+    sections = {"a": np.array([0]), "b": np.array([1, 2])}
+    with pytest.raises(InvalidStackError, match=r"all zero in section\(s\) \['b'\] of the known"):
+        validate_counts(adata, rows=sections, what="known sections")
+    validate_counts(adata, rows={"a": np.array([0])})
+    validate_counts(adata, rows=np.array([1, 2]))  # plain rows: no per-section check
+
+
+def test_counts_validation_keeps_the_former_layer_keyword():
+    adata = AnnData(X=np.zeros((2, 2)), layers={"raw": np.ones((2, 2))})
+    validate_counts(adata, layer="raw")
+    with pytest.raises(TypeError, match="counts_layer= only"):
+        validate_counts(adata, "raw", layer="other")
+
+
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [
+        (np.full((4, 5, 3), 40000, np.uint16), 156),  # 16 bit scaled, not clipped to white
+        (np.full((4, 5, 3), 200, np.uint16), 200),  # 8-bit values in a wider type
+        (np.full((4, 5, 3), 0.5, np.float32), 128),  # [0, 1]
+        (np.full((4, 5, 3), 100.0, np.float64), 100),  # [0, 255]
+        (np.full((4, 5), 77, np.uint8), 77),  # grey
+        (np.full((4, 5, 1), 77, np.int32), 77),
+    ],
+)
+def test_images_of_any_dtype_become_uint8_rgb(image, expected):
+    from asign_sc._stack import to_uint8_rgb
+
+    out = to_uint8_rgb(image)
+    assert out.shape == (4, 5, 3) and out.dtype == np.uint8
+    assert (out == expected).all()
+
+
+def test_rgba_is_composited_over_white():
+    from asign_sc._stack import to_uint8_rgb
+
+    image = np.zeros((2, 2, 4), np.uint8)
+    image[0, 0] = [10, 20, 30, 255]  # opaque
+    image[1, 1] = [10, 20, 30, 0]  # transparent: slide background
+    out = to_uint8_rgb(image)
+    assert out[0, 0].tolist() == [10, 20, 30] and out[1, 1].tolist() == [255, 255, 255]
+
+
+@pytest.mark.parametrize(
+    ("image", "match"),
+    [
+        (np.full((4, 5, 3), 70000, np.uint32), r"dtype uint32 with values up to 70000"),
+        (np.full((4, 5, 3), -1, np.int16), r"dtype int16.*negative"),
+        (np.full((4, 5, 3), 300.0), r"dtype float64 with values up to 300"),
+        (np.full((4, 5, 3), np.nan), r"float64.*NaN"),
+        (np.ones((4, 5, 3), bool), r"dtype bool"),
+        (np.ones((3, 4, 5), np.uint8), r"shape \(3, 4, 5\)"),
+        (np.ones((0, 4, 3), np.uint8), "empty"),
+    ],
+)
+def test_unconvertible_images_are_refused_naming_the_dtype(image, match):
+    from asign_sc._stack import to_uint8_rgb
+
+    with pytest.raises(InvalidStackError, match=match):
+        to_uint8_rgb(image, what="The image of section 'S1'")

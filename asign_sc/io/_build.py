@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,6 +12,7 @@ import scipy.sparse as sp
 
 from asign_sc._errors import InvalidStackError
 from asign_sc._keys import Key
+from asign_sc._stack import to_uint8_rgb
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -28,8 +29,9 @@ class SectionInput:
     """Everything needed to add one section to a stack.
 
     ``spatial`` and ``spot_radius`` are in full-resolution pixels: the section's own
-    coordinate system. ``image`` (``(y, x, c)`` ``uint8``) may be downsampled; then
-    ``image_scale`` is its pixels per full-resolution pixel (e.g. Visium's
+    coordinate system. ``image`` (``(y, x, c)``, ideally ``uint8`` RGB; other layouts and
+    dtypes are converted as :func:`asign_sc._stack.to_uint8_rgb` says) may be downsampled;
+    then ``image_scale`` is its pixels per full-resolution pixel (e.g. Visium's
     ``tissue_hires_scalef``).
     """
 
@@ -64,14 +66,30 @@ def build_spatialdata(
 
     Genes are the union over sections in order of first appearance; a gene absent from a
     section's matrix has zero counts there (the file simply had no column for it).
+
+    Images become ``(y, x, 3)`` ``uint8``: grey is repeated to RGB, RGBA is composited over
+    white, 16-bit integers are scaled by 255/65535 and floats in [0, 1] by 255.
+
+    Raises
+    ------
+    InvalidStackError
+        No sections, duplicated names, a section without spots, spot centres that are not
+        a finite ``(n, 2)`` array, a non-positive spot radius, counts whose shape does not
+        match the spots and genes, duplicated genes, or an image that cannot be converted
+        (the message names the section and the dtype).
     """
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel, ShapesModel, TableModel
     from spatialdata.transformations import Identity, Scale
 
+    from asign_sc.io._squidpy import add_squidpy_spatial
+
+    if not sections:
+        raise InvalidStackError("No sections given: pass one SectionInput per section.")
     names = [s.name for s in sections]
     if len(set(names)) != len(names):
         raise InvalidStackError(f"Duplicated section names: {names}.")
+    sections = [_checked(s) for s in sections]
     images, shapes = {}, {}
     for s in sections:
         frame = {Key.sdata.coordinate_system(s.name): Identity()}
@@ -107,7 +125,82 @@ def build_spatialdata(
         region_key=Key.obs.region,
         instance_key=Key.obs.instance,
     )
-    return SpatialData(images=images, shapes=shapes, tables={Key.sdata.table: table})
+    sdata = SpatialData(images=images, shapes=shapes, tables={Key.sdata.table: table})
+    add_squidpy_spatial(sdata, library_key=library_key)  # the table plots with squidpy/scanpy
+    return sdata
+
+
+def _checked(section: SectionInput) -> SectionInput:
+    """Validate one section's input; returns it with the image as ``(y, x, 3)`` ``uint8``.
+
+    The input itself is not modified (a new :class:`SectionInput` is returned).
+    """
+    name = section.name
+    if not isinstance(name, str) or not name:
+        raise InvalidStackError(f"Section name {name!r} is not a non-empty string.")
+    spatial = np.asarray(section.spatial)
+    if spatial.ndim != 2 or spatial.shape[1] != 2:
+        raise InvalidStackError(
+            f"Section {name!r}: spatial has shape {spatial.shape}; expected (n_spots, 2) "
+            "spot centres (x, y) in full-resolution pixels."
+        )
+    if len(spatial) == 0:
+        raise InvalidStackError(
+            f"Section {name!r} has no spots (0 rows in spatial). Leave the section out, or "
+            "check its spot positions file."
+        )
+    if not np.issubdtype(spatial.dtype, np.number) or not np.all(np.isfinite(spatial)):
+        raise InvalidStackError(
+            f"Section {name!r}: spot centres must be finite numbers (spatial has dtype "
+            f"{spatial.dtype}); drop or fix spots without a position."
+        )
+    if len(section.obs) != len(spatial):
+        raise InvalidStackError(
+            f"Section {name!r}: obs has {len(section.obs)} rows but spatial {len(spatial)} spots."
+        )
+    try:
+        radius = float(section.spot_radius)
+        scale = float(section.image_scale)
+    except (TypeError, ValueError):
+        radius = scale = float("nan")
+    if not np.isfinite(radius) or radius <= 0:
+        raise InvalidStackError(
+            f"Section {name!r}: spot_radius {section.spot_radius!r} must be a positive number "
+            "of full-resolution pixels."
+        )
+    if not np.isfinite(scale) or scale <= 0:
+        raise InvalidStackError(
+            f"Section {name!r}: image_scale {section.image_scale!r} must be a positive number "
+            "(image pixels per full-resolution pixel)."
+        )
+    genes = pd.Index(np.asarray(section.genes, dtype=str))
+    if genes.has_duplicates:
+        raise InvalidStackError(
+            f"Section {name!r} has duplicated gene names, e.g. "
+            f"{genes[genes.duplicated()].unique()[:5].tolist()}. Make them unique first "
+            "(adata.var_names_make_unique())."
+        )
+    counts = section.counts if sp.issparse(section.counts) else np.asarray(section.counts)
+    values = counts.data if sp.issparse(counts) else counts
+    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.bool_):
+        raise InvalidStackError(f"Section {name!r}: counts have dtype {values.dtype}, not numbers.")
+    if counts.shape != (len(spatial), len(genes)):
+        raise InvalidStackError(
+            f"Section {name!r}: counts are {counts.shape} but there are {len(spatial)} "
+            f"spots and {len(genes)} genes."
+        )
+    for key, value in section.obsm.items():
+        if np.shape(value)[:1] != (len(spatial),):
+            raise InvalidStackError(
+                f"Section {name!r}: obsm[{key!r}] has shape {np.shape(value)}; it needs one "
+                f"row per spot ({len(spatial)})."
+            )
+    image = section.image
+    if image is not None:
+        image = to_uint8_rgb(image, what=f"The image of section {name!r}")
+    return replace(
+        section, spatial=spatial.astype(float), spot_radius=radius, image_scale=scale, image=image
+    )
 
 
 def _stack_table(
@@ -120,11 +213,6 @@ def _stack_table(
     obsm_keys = set.intersection(*(set(s.obsm) for s in sections)) if sections else set()
     for s in sections:
         counts = sp.csr_matrix(s.counts, dtype=np.float32)
-        if counts.shape != (len(s.obs), len(s.genes)):
-            raise InvalidStackError(
-                f"Section {s.name!r}: counts are {counts.shape} but there are {len(s.obs)} "
-                f"spots and {len(s.genes)} genes."
-            )
         columns = genes.get_indexer(np.asarray(s.genes, dtype=str))
         remap = sp.csr_matrix(
             (np.ones(len(columns), np.float32), (np.arange(len(columns)), columns)),

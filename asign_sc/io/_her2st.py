@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +26,9 @@ logger = logging.getLogger(__name__)
 #: Legacy ST arrays: spot diameter 100 um, centre-to-centre distance 200 um.
 _SPOT_DIAMETER_OVER_PITCH = 100.0 / 200.0
 _SPOT_PITCH_UM = 200.0
+#: A section is its patient's letter(s) followed by its number: "C2".
+_SECTION_NAME = re.compile(r"(?P<patient>[A-Za-z]+)(?P<number>\d+)")
+_SPOT_COLUMNS = ("x", "y", "new_x", "new_y", "pixel_x", "pixel_y")
 
 
 def read_her2st(
@@ -64,18 +68,9 @@ def read_her2st(
     counts), ``obs['section']`` ordered, ``obs['sample']`` the patient, ``obsm['spatial']``.
     """
     root = Path(path)
-    if not (root / "counts").is_dir():
-        raise FileNotFoundError(
-            f"{root} does not look like a her2st release: no 'counts/' folder. Pass the folder "
-            "that holds counts/, spots/ and images/."
-        )
     if coordinates not in {"pixel", "aligned"}:
         raise ValueError(f"coordinates must be 'pixel' or 'aligned', got {coordinates!r}.")
-    available = sorted(
-        p.name.removesuffix(".tsv.gz") for p in (root / "counts").glob(f"{patient}*.tsv.gz")
-    )
-    if not available:
-        raise FileNotFoundError(f"No counts for patient {patient!r} under {root / 'counts'}.")
+    available = her2st_sections(root, patient)
     explicit = sections is not None
     names = list(sections) if explicit else available
     unknown = [s for s in names if s not in available]
@@ -109,17 +104,105 @@ def read_her2st(
     return build_spatialdata(inputs, sample=patient)
 
 
+def her2st_sections(path: str | Path, patient: str) -> list[str]:
+    """Sections of one patient that have a counts file in a her2st-layout folder.
+
+    A section belongs to patient ``P`` when its name is ``P`` followed by digits (``C2``).
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` has no ``counts/`` folder, or the patient has no counts file (the message
+        lists the patients there are).
+    ValueError
+        ``patient`` is empty or names a section rather than a patient.
+    """
+    root = Path(path)
+    if not (root / "counts").is_dir():
+        raise FileNotFoundError(
+            f"{root} does not look like a her2st release: no 'counts/' folder. Pass the folder "
+            "that holds counts/, spots/ and images/."
+        )
+    by_patient: dict[str, list[str]] = {}
+    for file in (root / "counts").glob("*.tsv.gz"):
+        match = _SECTION_NAME.fullmatch(file.name.removesuffix(".tsv.gz"))
+        if match:
+            by_patient.setdefault(match["patient"], []).append(match.string)
+    patients = sorted(by_patient)
+    if not isinstance(patient, str) or not patient.strip():
+        raise ValueError(
+            f"patient={patient!r} is empty: name one patient, e.g. patient='C' "
+            f"(patients under {root / 'counts'}: {patients})."
+        )
+    if patient not in by_patient:
+        hint = (
+            f" {patient!r} looks like a section name: pass patient={match['patient']!r} and "
+            f"sections=[{patient!r}]."
+            if (match := _SECTION_NAME.fullmatch(patient)) and match["patient"] in by_patient
+            else ""
+        )
+        raise FileNotFoundError(
+            f"No counts for patient {patient!r} under {root / 'counts'} (patients there: "
+            f"{patients}).{hint}"
+        )
+    return sorted(by_patient[patient], key=lambda n: (len(n), n))
+
+
+def _read_table(
+    path: Path, name: str, what: str, columns: Sequence[str] = (), **kwargs
+) -> pd.DataFrame:
+    """A tab-separated file of section ``name``; errors name the file and the section."""
+    if not path.is_file():
+        raise FileNotFoundError(f"Section {name!r}: {what} file {path} is missing.")
+    try:
+        frame = pd.read_csv(path, sep="\t", **kwargs)
+    except Exception as error:  # pandas, gzip, zlib and unicode errors alike
+        raise InvalidStackError(
+            f"Section {name!r}: could not read {what} file {path} "
+            f"({type(error).__name__}: {error}). The file may be truncated or not "
+            "tab-separated; restore it from the release."
+        ) from error
+    lacking = [c for c in columns if c not in frame.columns]
+    if lacking:
+        raise InvalidStackError(
+            f"Section {name!r}: {what} file {path} lacks columns {lacking} (it has "
+            f"{list(frame.columns)[:10]})."
+        )
+    if frame.empty:
+        raise InvalidStackError(f"Section {name!r}: {what} file {path} has no rows.")
+    return frame
+
+
 def _read_section(root: Path, name: str, image_path: Path | None, *, aligned: bool) -> SectionInput:
-    counts = pd.read_csv(root / "counts" / f"{name}.tsv.gz", sep="\t", index_col=0)
+    counts_path = root / "counts" / f"{name}.tsv.gz"
+    spots_path = root / "spots" / f"{name}_selection.tsv"
+    counts = _read_table(counts_path, name, "counts", index_col=0)
     counts.index = counts.index.astype(str)
-    spots = pd.read_csv(root / "spots" / f"{name}_selection.tsv", sep="\t")
+    if not all(np.issubdtype(dtype, np.number) for dtype in counts.dtypes):
+        bad = [c for c, d in counts.dtypes.items() if not np.issubdtype(d, np.number)][:3]
+        raise InvalidStackError(
+            f"Section {name!r}: counts file {counts_path} has non-numeric columns {bad}."
+        )
+    spots = _read_table(spots_path, name, "spot positions", columns=_SPOT_COLUMNS)
+    if not all(np.issubdtype(spots[c].dtype, np.number) for c in _SPOT_COLUMNS) or not np.all(
+        np.isfinite(spots[list(_SPOT_COLUMNS)].to_numpy(dtype=float))
+    ):
+        raise InvalidStackError(
+            f"Section {name!r}: spot positions file {spots_path} has missing or non-numeric "
+            f"values in {list(_SPOT_COLUMNS)}."
+        )
     spots.index = spots["x"].astype(int).astype(str) + "x" + spots["y"].astype(int).astype(str)
     if spots.index.has_duplicates:
-        raise InvalidStackError(f"spots/{name}_selection.tsv lists an array position twice.")
+        raise InvalidStackError(f"{spots_path} (section {name!r}) lists an array position twice.")
     missing = counts.index.difference(spots.index)
     if len(missing):
         logger.warning("%s: %d counted spots have no position and are dropped", name, len(missing))
     keep = counts.index.intersection(spots.index, sort=False)
+    if not len(keep):
+        raise InvalidStackError(
+            f"Section {name!r}: no spot of counts file {counts_path} has a position in "
+            f"{spots_path} (rows are matched by array position '<x>x<y>')."
+        )
     counts, spots = counts.loc[keep], spots.loc[keep]
 
     xy = spots[["pixel_x", "pixel_y"]].to_numpy(dtype=float)
@@ -134,8 +217,12 @@ def _read_section(root: Path, name: str, image_path: Path | None, *, aligned: bo
     if aligned:
         table = root / "aligned" / f"{name}.tsv"
         if not table.exists():
-            raise FileNotFoundError(f"coordinates='aligned' needs {table}, which is missing.")
-        warped = pd.read_csv(table, sep="\t")
+            raise FileNotFoundError(
+                f"coordinates='aligned' needs {table} (section {name!r}), which is missing."
+            )
+        warped = _read_table(
+            table, name, "aligned positions", columns=("x", "y", "warped_x", "warped_y")
+        )
         warped.index = (
             warped["x"].astype(int).astype(str) + "x" + warped["y"].astype(int).astype(str)
         )
@@ -156,7 +243,7 @@ def _read_section(root: Path, name: str, image_path: Path | None, *, aligned: bo
             )
             xy = spots[["pixel_x", "pixel_y"]].to_numpy(dtype=float)
         obsm[Key.obsm.spatial_aligned] = warped.loc[keep, ["warped_x", "warped_y"]].to_numpy(float)
-    image = _read_jpeg(image_path) if image_path is not None else None
+    image = _read_jpeg(image_path, name) if image_path is not None else None
     return SectionInput(
         name=name,
         counts=sp.csr_matrix(counts.to_numpy(dtype=np.float32)),
@@ -182,8 +269,8 @@ def _pixels_per_array_step(array_xy: np.ndarray, pixel_xy: np.ndarray) -> float:
     return float(np.sqrt(np.linalg.norm(linear[0]) * np.linalg.norm(linear[1])))
 
 
-def _read_jpeg(path: Path) -> np.ndarray:
-    from PIL import Image
+def _read_jpeg(path: Path, name: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
 
     # her2st slides are ~9,300 x 9,900 px, beyond PIL's decompression-bomb guard, which is a
     # module global: lift it for this trusted file only and put it back.
@@ -192,5 +279,11 @@ def _read_jpeg(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as handle:
             return np.asarray(handle.convert("RGB"))
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        raise InvalidStackError(
+            f"Section {name!r}: could not read image {path} ({type(error).__name__}: "
+            f"{error}). The file may be truncated or not a JPEG; restore it, or read the "
+            "section without its image (images=False)."
+        ) from error
     finally:
         Image.MAX_IMAGE_PIXELS = guard
