@@ -14,6 +14,7 @@ from asign_sc._keys import Key
 from asign_sc._stack import resolve_stack
 from asign_sc._utils import is_spatialdata
 from asign_sc.io._build import SectionInput, build_spatialdata
+from asign_sc.io._squidpy import squidpy_libraries
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -74,23 +75,7 @@ def to_legacy_anndata(
     adata = stack.table.copy()
     adata.uns.pop(_SPATIALDATA_ATTRS, None)
 
-    spatial = np.empty((adata.n_obs, 2), dtype=float)
-    libraries = {}
-    for section in stack:
-        spatial[section.rows] = section.spatial
-        scalefactors = {Key.legacy.spot_diameter: 2.0 * section.spot_radius}
-        images = {}
-        if section.has_image:
-            image, scale = stack.image(section.name, max_side=max_side)
-            # Pyramid levels are rounded to whole pixels, so sx and sy differ by less than one
-            # pixel over the image; the legacy layout has a single factor.
-            scalefactors[Key.legacy.hires_scalef] = float(np.mean(scale))
-            images[Key.legacy.hires] = np.ascontiguousarray(image)
-        libraries[section.name] = {
-            Key.legacy.images: images,
-            Key.legacy.scalefactors: scalefactors,
-            "metadata": {},
-        }
+    spatial, libraries = squidpy_libraries(stack, resolutions={Key.legacy.hires: max_side})
     adata.obsm[Key.obsm.spatial] = spatial
     adata.uns[Key.uns.spatial] = libraries
     logger.info(
