@@ -238,6 +238,7 @@ def resolve_stack(
     sections: Sequence[str] | None = None,
     sample_key: str | None = None,
     spatial_key: str = Key.obsm.spatial,
+    spot_radius: float | None = None,
     require_images: bool = False,
     min_sections: int = 1,
     table_key: str = Key.sdata.table,
@@ -259,6 +260,10 @@ def resolve_stack(
         several stacks. A section must belong to exactly one sample.
     spatial_key
         ``obsm`` key of the spot centres (full-resolution pixels) for an AnnData.
+    spot_radius
+        Spot radius (units of ``obsm[spatial_key]``) of a plain AnnData's sections that have
+        no ``uns['spatial'][section]['scalefactors']``. Without either the radius is unknown
+        (NaN): steps that need no radius work, the others say to pass ``spot_radius=``.
     require_images
         Raise if a section has no image.
     min_sections
@@ -319,7 +324,12 @@ def resolve_stack(
     else:
         built = [
             _legacy_section(
-                table, name, np.flatnonzero(label_values == name), samples[name], spatial_key
+                table,
+                name,
+                np.flatnonzero(label_values == name),
+                samples[name],
+                spatial_key,
+                spot_radius,
             )
             for name in order
         ]
@@ -537,7 +547,8 @@ def _check_section(section: Section, *, require_images: bool) -> None:
         raise InvalidStackError(
             f"Section {name!r} has spots with NaN/infinite coordinates; drop or fix them."
         )
-    if not np.isfinite(section.spot_radius) or section.spot_radius <= 0:
+    # NaN: unknown (a plain AnnData without spot_radius=); steps that need it check it.
+    if np.isinf(section.spot_radius) or section.spot_radius <= 0:
         raise InvalidStackError(
             f"Section {name!r} has spot radius {section.spot_radius}; it must be a positive "
             "number of pixels (shapes 'radius' column or scalefactors['spot_diameter_fullres'])."
@@ -564,7 +575,12 @@ def _check_section(section: Section, *, require_images: bool) -> None:
 
 
 def _legacy_section(
-    table: AnnData, name: str, rows: np.ndarray, sample: str | None, spatial_key: str
+    table: AnnData,
+    name: str,
+    rows: np.ndarray,
+    sample: str | None,
+    spatial_key: str,
+    spot_radius: float | None = None,
 ) -> Section:
     if spatial_key not in table.obsm:
         raise InvalidStackError(
@@ -574,10 +590,14 @@ def _legacy_section(
     spatial = np.asarray(table.obsm[spatial_key], dtype=float)[rows, :2]
     library = table.uns.get(Key.uns.spatial, {}).get(name)
     if library is None:
-        raise InvalidStackError(
-            f"uns['spatial'][{name!r}] is missing: an AnnData stack needs, per section, "
-            "scalefactors (spot_diameter_fullres) and optionally images, as squidpy does. "
-            "Use asign_sc.io.from_legacy_anndata's layout or a SpatialData."
+        # A plain AnnData (section column + spot centres), as squidpy's graph functions take:
+        # no image, and the spot radius only if given (steps that need it say so).
+        return Section(
+            name=name,
+            rows=rows,
+            spatial=spatial,
+            spot_radius=float("nan") if spot_radius is None else float(spot_radius),
+            sample=sample,
         )
     scalefactors = library.get(Key.legacy.scalefactors, {})
     if Key.legacy.spot_diameter not in scalefactors:

@@ -9,7 +9,7 @@
    Learned methods: mean +- std over seeds.
 2. Ablations (``--ablations``, on in the full mode; on the known sections of
    ``--ablation-known``, default the last of ``--known``, C4, with every seed): without
-   cross-attention and without graph attention (``fit_asign(cross_attention=False)``,
+   cross-attention and without graph attention (``ArchitectureConfig(cross_attention=False)``,
    ``graph_attention=False``, and both; the paper's Table II), 2D graph (within-section
    edges only, ``gr.split_graph``) vs 3D (Table IV), network without cross-layer
    imputation (``method="network"``) and 10/20/50% of the known section's spots (the
@@ -201,7 +201,7 @@ def fit_and_score(
         seed=seed,
         device="cpu",
         show_progress_bar=False,
-        **fit_kwargs,
+        **as_fit_arguments(fit_kwargs),
     )
     seconds = time.perf_counter() - start
     rows = []
@@ -221,6 +221,26 @@ def fit_and_score(
             rows.append(row)
     logger.info("  %s known=%s seed=%d: fit %.0f s", variant, known, seed, seconds)
     return rows, model
+
+
+def as_fit_arguments(options: dict) -> dict:
+    """Split flat options into ``fit_asign`` arguments and its two config objects."""
+    from dataclasses import fields
+
+    from asign_sc.models import ArchitectureConfig, TrainingConfig
+
+    groups = {"architecture": ArchitectureConfig, "training": TrainingConfig}
+    out = {
+        k: v
+        for k, v in options.items()
+        if not any(k in {f.name for f in fields(c)} for c in groups.values())
+    }
+    for name, config in groups.items():
+        names = {f.name for f in fields(config)}
+        chosen = {k: v for k, v in options.items() if k in names}
+        if chosen:
+            out[name] = config(**chosen)
+    return out
 
 
 def within_only(adata):
@@ -650,14 +670,15 @@ def write_readme(path: Path, block: str) -> None:
 ABLATION_NOTES = (
     "Ablations (every other setting as in the main rows): 'no cross-attention': the spot, "
     "region and global embeddings are fused by a linear map of the mean region/global token "
-    "instead of cross-attention (`fit_asign(cross_attention=False)`, same widths); 'no graph "
-    "attention': the GATv2 rounds become spot-wise linear layers of the same depth and width, "
-    "so the network sees no neighbours, while the cross-layer imputation still propagates over "
-    "the 3D graph (`graph_attention=False`); '2D graph': only within-section edges "
-    "(`gr.split_graph`), so neither the network nor the propagation reaches across sections; "
-    "'no per-section feature standardisation': `standardize_features=None`; 'fixed node "
-    "weights': `learn_node_weights=False`; 'N% of known spots': the known section keeps a "
-    "random N% of its spots (drawn per seed), the others are dropped from the stack.",
+    "instead of cross-attention (`ArchitectureConfig(cross_attention=False)`, same widths); "
+    "'no graph attention': the GATv2 rounds become spot-wise linear layers of the same depth "
+    "and width, so the network sees no neighbours, while the cross-layer imputation still "
+    "propagates over the 3D graph (`ArchitectureConfig(graph_attention=False)`); '2D graph': "
+    "only within-section edges (`gr.split_graph`), so neither the network nor the propagation "
+    "reaches across sections; 'no per-section feature standardisation': "
+    "`TrainingConfig(standardize_features=None)`; 'fixed node weights': "
+    "`ArchitectureConfig(learn_node_weights=False)`; 'N% of known spots': the known section "
+    "keeps a random N% of its spots (drawn per seed), the others are dropped from the stack.",
 )
 
 

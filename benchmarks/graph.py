@@ -167,7 +167,7 @@ def run_ours(
         build_3d_graph(
             adata,
             spatial_key="spatial",
-            feature_key="features" if features else None,
+            features_key="features" if features else None,
             similarity="cosine" if features else None,
             feature_search=search,
             similarity_radius=None if radius is None else radius * PITCH,

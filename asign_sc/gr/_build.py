@@ -41,7 +41,7 @@ __all__ = ["build_3d_graph"]
 logger = logging.getLogger(__name__)
 
 #: Pooled spot-level embedding written by :func:`asign_sc.tl.extract_features` (its default
-#: ``key_added="asign"``); used when ``feature_key=None`` and it is present.
+#: ``key_added="asign"``); used when ``features_key=None`` and it is present.
 DEFAULT_FEATURE_KEY = Key.obsm.features("asign", "spot")
 
 #: Pairs of spots of a stack above which the exact similarity search is worth a log line.
@@ -93,7 +93,7 @@ def build_3d_graph(
     sample_key: str | None = None,
     spatial_key: str = Key.obsm.spatial_aligned,
     spot_radius: float | Mapping[str, float] | None = None,
-    feature_key: str | None = None,
+    features_key: str | None = None,
     n_neighs_within: int = 8,
     n_neighs_across: int = 12,
     similarity: Literal["cosine"] | None = "cosine",
@@ -145,9 +145,12 @@ def build_3d_graph(
         each section's radius (shapes ``radius`` or ``spot_diameter_fullres / 2``) carried
         into the frame of ``obsm[spatial_key]`` by the scale of the best affine map from the
         section's own coordinates to it (1 for a rigid registration).
-    feature_key
-        ``obsm`` key of image features, ``(n_obs, dim)``. Default: the spot-level embedding
-        of :func:`asign_sc.tl.extract_features` (``"X_asign_spot"``) when present; without
+    features_key
+        Image features of the similarity term: the ``key_added`` of
+        :func:`asign_sc.tl.extract_features` (its spot embedding
+        ``obsm[f"X_{features_key}_spot"]``), or any ``obsm`` key of ``(n_obs, dim)``
+        features (e.g. ``"X_pca"`` or a foundation model's embedding). Default: the spot
+        embedding of ``extract_features(key_added="asign")`` when present; without
         features the across weight is the IoU alone (a logged note).
     n_neighs_within
         Edges per spot within its section.
@@ -287,7 +290,7 @@ def build_3d_graph(
     _require_two_sections(stack)
     table = stack.table
     coords = _coordinates(table, spatial_key)
-    features, used_feature_key = _features(table, feature_key, similarity)
+    features, used_feature_key = _features(table, features_key, similarity)
     radii, scales = _radii(stack, coords, spot_radius, spatial_key)
     n_candidates = n_neighs_across if across_candidates is None else across_candidates
 
@@ -349,7 +352,7 @@ def build_3d_graph(
                 "library_key": library_key,
                 "sample_key": sample_key,
                 "spatial_key": spatial_key,
-                "feature_key": used_feature_key,
+                "features_key": used_feature_key,
                 "similarity": similarity if features is not None else None,
                 "n_neighs_within": n_neighs_within,
                 "n_neighs_across": n_neighs_across,
@@ -453,26 +456,31 @@ class _Features:
 
 
 def _features(
-    table: AnnData, feature_key: str | None, similarity: str | None
+    table: AnnData, features_key: str | None, similarity: str | None
 ) -> tuple[_Features | None, str | None]:
     """The features used for similarity, or ``None`` when the graph uses the overlap only."""
     if similarity is None:
         return None, None
-    if feature_key is None:
+    if features_key is None:
         if DEFAULT_FEATURE_KEY not in table.obsm:
             logger.info(
-                "No image features (obsm[%r] is missing and feature_key=None): across-section "
+                "No image features (obsm[%r] is missing and features_key=None): across-section "
                 "weights are the disc overlap (IoU) alone. Run asign_sc.tl.extract_features or "
-                "pass feature_key= to add the similarity term of eq. 1.",
+                "pass features_key= to add the similarity term of eq. 1.",
                 DEFAULT_FEATURE_KEY,
             )
             return None, None
         feature_key = DEFAULT_FEATURE_KEY
-    if feature_key not in table.obsm:
+    elif Key.obsm.features(features_key, "spot") in table.obsm:
+        feature_key = Key.obsm.features(features_key, "spot")
+    elif features_key in table.obsm:
+        feature_key = features_key
+    else:
         raise InvalidStackError(
-            f"obsm[{feature_key!r}] is missing (obsm has {list(table.obsm)}). Extract image "
-            "features with asign_sc.tl.extract_features or pass feature_key=None to build the "
-            "graph from the overlap alone."
+            f"Neither obsm[{Key.obsm.features(features_key, 'spot')!r}] (features extracted "
+            f"with key_added={features_key!r}) nor obsm[{features_key!r}] exists (obsm has "
+            f"{list(table.obsm)}). Extract image features with asign_sc.tl.extract_features, "
+            "or pass features_key=None to build the graph from the overlap alone."
         )
     values = np.ascontiguousarray(table.obsm[feature_key], dtype=np.float32)
     if values.ndim != 2 or values.shape[1] == 0:
@@ -527,6 +535,12 @@ def _radii(
                 radius = float(spot_radius[section.name])
             else:
                 radius = float(spot_radius)
+        if np.isnan(radius):
+            raise InvalidStackError(
+                f"The spot radius of section {section.name!r} is unknown (a plain AnnData "
+                "without uns['spatial'][section]['scalefactors']): pass spot_radius= in units "
+                f"of obsm[{spatial_key!r}], one number or one per section."
+            )
         if not (np.isfinite(radius) and radius > 0):
             raise ValueError(
                 f"Spot radius of section {section.name!r} is {radius}; it must be > 0."

@@ -1,12 +1,8 @@
-"""The full ASIGN network (MSAGNet + cross-layer imputation) and its saved-model wrapper."""
+"""The full ASIGN network (MSAGNet + cross-layer imputation) and its ensemble."""
 
 from __future__ import annotations
 
-import copy
-import json
-import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,44 +11,10 @@ from torch import nn
 from asign_sc.models._msagnet import MSAGNet
 from asign_sc.models._propagation import CrossLayerImputation
 
-__all__ = ["ASIGNEnsemble", "ASIGNModel", "ASIGNNet", "PCAReduction", "resolve_device"]
+__all__ = ["ASIGNEnsemble", "ASIGNNet", "PCAReduction"]
 
-logger = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "asign_sc.ASIGNModel"
-CHECKPOINT_VERSION = 1
-ARCHITECTURE_KEYS = (
-    "spot_dim",
-    "region_dim",
-    "global_dim",
-    "n_genes",
-    "hidden_dim",
-    "n_gat_layers",
-    "n_heads",
-    "dropout",
-    "cross_attention",
-    "graph_attention",
-    "n_iterations",
-    "learn_node_weights",
-    "n_components",
-    "n_models",
-)
 AVERAGED = ("spot", "region", "global", "prediction", "propagated", "gate", "node_weights")
 """Outputs of :class:`ASIGNNet` that :class:`ASIGNEnsemble` averages over its members."""
-LEVEL_DIMS = {"spot": "spot_dim", "region": "region_dim", "global": "global_dim"}
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to torch."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"device={str(device)!r} was requested but CUDA is not available here; use "
-            "device='auto' or 'cpu'."
-        )
-    return device
 
 
 class PCAReduction(nn.Module):
@@ -264,138 +226,3 @@ class ASIGNEnsemble(nn.Module):
             if key in ("prediction", "spot"):
                 merged[f"{key}_std"] = stacked.std(0)
         return merged
-
-
-class ASIGNModel:
-    """A fitted ASIGN model: the network plus everything needed to apply it to a stack.
-
-    Returned by :func:`asign_sc.tl.fit_asign` and consumed by :func:`asign_sc.tl.impute`.
-    ``settings`` carries the genes, the normalisation, the feature and graph keys and the
-    feature standardisation, so that a saved model imputes a new stack whose features came
-    from the same encoder.
-
-    Parameters
-    ----------
-    net
-        The trained network(s).
-    settings
-        JSON-serialisable settings; ``settings["architecture"]`` rebuilds ``net``.
-    history
-        Training history: lists per key (``epoch``, ``loss``, ``val_loss`` ...).
-    """
-
-    def __init__(
-        self,
-        net: ASIGNEnsemble,
-        settings: Mapping[str, Any],
-        history: Mapping[str, list] | None = None,
-    ) -> None:
-        self.net = net
-        self.settings: dict[str, Any] = _jsonable(settings)
-        self.history: dict[str, list] = _jsonable(history or {})
-
-    # -- construction -----------------------------------------------------------------
-    @classmethod
-    def from_settings(cls, settings: Mapping[str, Any]) -> ASIGNModel:
-        """A new, untrained model built from ``settings["architecture"]``."""
-        arch = dict(settings["architecture"])
-        unknown = set(arch) - set(ARCHITECTURE_KEYS)
-        if unknown:
-            raise ValueError(f"Unknown architecture settings {sorted(unknown)}.")
-        net = ASIGNEnsemble(
-            arch.pop("spot_dim"),
-            arch.pop("region_dim"),
-            arch.pop("global_dim"),
-            arch.pop("n_genes"),
-            **arch,
-        )
-        return cls(net, settings)
-
-    # -- properties -------------------------------------------------------------------
-    @property
-    def genes(self) -> list[str]:
-        """Modelled genes, in output order."""
-        return list(self.settings["genes"])
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the parameters."""
-        return next(self.net.parameters()).device
-
-    def to(self, device: str | torch.device) -> ASIGNModel:
-        """Move the network to ``device`` (``"auto"`` allowed); returns ``self``."""
-        self.net.to(resolve_device(device))
-        return self
-
-    def __repr__(self) -> str:
-        arch = self.settings.get("architecture", {})
-        trained = self.settings.get("known_sections", [])
-        removed = [k for k in ("cross_attention", "graph_attention") if not arch.get(k, True)]
-        return (
-            f"ASIGNModel(n_genes={arch.get('n_genes')}, hidden_dim={arch.get('hidden_dim')}, "
-            + (f"without={removed}, " if removed else "")
-            + f"trained_on={list(trained)}, epochs={len(self.history.get('epoch', []))})"
-        )
-
-    # -- persistence ------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write a checkpoint readable with ``torch.load(path, weights_only=True)``.
-
-        It holds the state dict (tensors), the settings and the history (plain Python
-        containers of str/int/float/bool), nothing pickled.
-        """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
-        torch.save(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "version": CHECKPOINT_VERSION,
-                "settings": self.settings,
-                "history": self.history,
-                "state_dict": state,
-            },
-            path,
-        )
-        logger.info("Saved ASIGN model to %s", path)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> ASIGNModel:
-        """Read a checkpoint written by :meth:`save` (with ``weights_only=True``)."""
-        checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
-        if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(
-                f"{path} is not an asign_sc model checkpoint (written by ASIGNModel.save)."
-            )
-        if checkpoint.get("version", 0) > CHECKPOINT_VERSION:
-            raise ValueError(
-                f"{path} was written by a newer asign_sc (checkpoint version "
-                f"{checkpoint['version']}); upgrade asign_sc to read it."
-            )
-        model = cls.from_settings(checkpoint["settings"])
-        model.net.load_state_dict(checkpoint["state_dict"])
-        model.history = checkpoint.get("history", {})
-        model.net.eval()
-        return model.to(device)
-
-    def copy(self) -> ASIGNModel:
-        """A deep copy."""
-        return ASIGNModel(copy.deepcopy(self.net), self.settings, self.history)
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types only (so checkpoints load with ``weights_only=True``)."""
-    return json.loads(json.dumps(value, default=_json_default))
-
-
-def _json_default(value: Any) -> Any:
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, tuple | set):
-        return list(value)
-    raise TypeError(f"Setting of type {type(value).__name__} cannot be stored in a checkpoint.")

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-__all__ = ["expression_targets", "log_normalize", "select_genes"]
+__all__ = ["expression_targets", "log_normalize", "normalized_expression", "select_genes"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +60,17 @@ def log_normalize(
     return np.log1p(dense * scale[:, None]).astype(np.float32)
 
 
-def counts_matrix(table: AnnData, layer: str | None, rows: np.ndarray) -> sp.csr_matrix:
+def counts_matrix(table: AnnData, counts_layer: str | None, rows: np.ndarray) -> sp.csr_matrix:
     """Raw counts of ``rows`` (CSR, float64), validated: finite and non-negative."""
+    layer = counts_layer
     if layer is None:
         matrix = table.X
         where = "X"
     else:
         if layer not in table.layers:
             raise InvalidStackError(
-                f"layers[{layer!r}] is missing (layers: {list(table.layers)}). Pass the layer "
-                "holding raw counts, or layer=None to use X."
+                f"layers[{layer!r}] is missing (layers: {list(table.layers)}). Pass "
+                "counts_layer= naming the layer of raw counts, or counts_layer=None to use X."
             )
         matrix = table.layers[layer]
         where = f"layers[{layer!r}]"
@@ -85,9 +86,26 @@ def counts_matrix(table: AnnData, layer: str | None, rows: np.ndarray) -> sp.csr
     if (data < 0).any():
         raise InvalidStackError(
             f"{where} has negative values in the known sections; asign_sc needs raw counts "
-            "(it normalises them itself). Pass layer= naming the raw counts."
+            "(it normalises them itself). Pass counts_layer= naming the raw counts."
         )
     return sub
+
+
+def normalized_expression(
+    table: AnnData,
+    counts_layer: str | None,
+    rows: np.ndarray,
+    genes: Sequence[str],
+    *,
+    target_sum: float = DEFAULT_TARGET_SUM,
+) -> np.ndarray:
+    """``log1p`` of counts per ``target_sum`` of ``rows`` x ``genes`` (library size: all genes).
+
+    The one definition of the scale every fit, imputation and evaluation works on.
+    """
+    counts = counts_matrix(table, counts_layer, rows)
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    return log_normalize(counts[:, gene_positions(table, genes)], totals, target_sum=target_sum)
 
 
 def known_rows(stack: SectionStack, known_sections: Sequence[str]) -> np.ndarray:
@@ -111,7 +129,7 @@ def select_genes(
     *,
     known_sections: Sequence[str],
     n_top_genes: int = 250,
-    layer: str | None = None,
+    counts_layer: str | None = None,
     library_key: str = Key.obs.library,
 ) -> list[str]:
     """The ``n_top_genes`` genes of highest mean raw count over the known spots.
@@ -126,7 +144,7 @@ def select_genes(
         Sections with measured expression; only their spots are read.
     n_top_genes
         Number of genes to keep.
-    layer
+    counts_layer
         Layer with raw counts; ``None`` for ``X``.
     library_key
         Column of ``obs`` naming each spot's section.
@@ -144,7 +162,7 @@ def select_genes(
         raise ValueError(
             f"n_top_genes={n_top_genes} exceeds the {table.n_vars} genes of the table."
         )
-    counts = counts_matrix(table, layer, rows)
+    counts = counts_matrix(table, counts_layer, rows)
     mean = np.asarray(counts.mean(axis=0)).ravel()
     order = np.argsort(-mean, kind="stable")[:n_top_genes]
     return [str(g) for g in table.var_names[order]]
@@ -164,7 +182,7 @@ def window_members(spatial: np.ndarray, size: float) -> sp.csr_matrix:
     return sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
 
 
-def _level_targets(
+def level_targets(
     stack: SectionStack,
     rows: np.ndarray,
     counts: sp.csr_matrix,
@@ -207,7 +225,7 @@ def expression_targets(
     *,
     genes: Sequence[str],
     sections: Sequence[str],
-    layer: str | None = None,
+    counts_layer: str | None = None,
     target_sum: float = DEFAULT_TARGET_SUM,
     region_size: float = DEFAULT_WINDOWS["region"],
     global_size: float = DEFAULT_WINDOWS["global"],
@@ -229,7 +247,7 @@ def expression_targets(
         Genes to return (e.g. from :func:`select_genes`).
     sections
         Measured sections to read.
-    layer
+    counts_layer
         Layer with raw counts; ``None`` for ``X``.
     target_sum
         Counts per spot after library-size scaling.
@@ -245,9 +263,9 @@ def expression_targets(
     stack = resolve_stack(data, library_key=library_key)
     rows = known_rows(stack, sections)
     genes_idx = gene_positions(stack.table, genes)
-    counts = counts_matrix(stack.table, layer, rows)
+    counts = counts_matrix(stack.table, counts_layer, rows)
     totals = np.asarray(counts.sum(axis=1)).ravel()
-    targets = _level_targets(
+    targets = level_targets(
         stack,
         rows,
         counts,

@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from asign_sc._docs import doc_params
 from asign_sc._keys import Key
-from asign_sc._stack import resolve_stack, validate_counts
-from asign_sc._utils import is_spatialdata, sanitize_uns
-from asign_sc.pp._expression import DEFAULT_TARGET_SUM, counts_matrix, gene_positions, log_normalize
+from asign_sc._stack import SectionStack, resolve_stack, validate_counts
+from asign_sc._utils import unsanitize_none, update_params
+from asign_sc.pp._expression import DEFAULT_TARGET_SUM, gene_positions, normalized_expression
+from asign_sc.tl._impute import baseline_prediction, known_expression
 from asign_sc.tl._metrics import (
     _varies,
     mae_per_gene,
@@ -35,13 +37,16 @@ logger = logging.getLogger(__name__)
 BASELINES = ("mean", "propagation", "overlap", "similarity")
 
 
+@doc_params()
 def evaluate(
     data: AnnData | SpatialData,
     *,
     sections: Sequence[str],
     key: str = "asign",
-    truth_layer: str | None = None,
+    layer: str | None = None,
+    counts_layer: str | None = None,
     genes: Sequence[str] | None = None,
+    known_sections: Sequence[str] | None = None,
     baselines: Sequence[str] = ("mean", "propagation"),
     spearman: bool = False,
     library_key: str | None = None,
@@ -70,46 +75,55 @@ def evaluate(
     Parameters
     ----------
     data
-        The stack holding an imputation (:func:`asign_sc.tl.impute`) and measured counts for
-        ``sections``.
+        The stack holding a prediction and measured counts for ``sections``. Images are not
+        needed: a plain AnnData (section column) works.
     sections
-        Sections to score: usually the unknown ones, whose counts the imputation never saw.
+        Sections to score: usually the unknown ones, whose counts the prediction never saw.
     key
-        ``key_added`` of the imputation to score (``obsm[key]``, ``uns[key]['impute']``).
-    truth_layer
-        Layer with the measured counts; default the imputation's counts layer, else ``X``.
+        ``key_added`` of an imputation of :func:`asign_sc.tl.impute` (``obsm[key]``,
+        ``uns[key]['impute']``) to score; ignored when ``layer`` is given.
+    layer
+        Score ``layers[layer]`` instead, e.g. a prediction made by another tool, on the
+        ``log1p`` counts-per-``target_sum`` scale (``target_sum`` 10^4 unless an imputation
+        under ``key`` says otherwise).
+    {counts_layer} Default: the imputation's.
     genes
-        Genes to score; default every gene the imputation filled.
+        Genes to score; default every gene the imputation filled (for ``layer``: the genes
+        with any non-zero prediction on ``sections``).
+    known_sections
+        Measured sections the baselines start from; default the imputation's. Needed with
+        ``layer`` when baselines are asked for.
     baselines
         Any of ``"mean"`` (the known spots' mean profile for every spot), ``"propagation"``,
-        ``"overlap"`` and ``"similarity"`` (see :func:`asign_sc.tl.impute`). Baselines are
-        computed on a light copy; ``data`` is not changed by them.
+        ``"overlap"`` and ``"similarity"`` (see :func:`asign_sc.tl.impute`), computed in
+        memory; ``data`` is not changed by them.
     spearman
         Also compute the Spearman correlation per gene.
-    library_key
-        Column of ``obs`` naming sections; default the imputation's.
+    {library_key} Default: the imputation's, else ``"section"``.
     key_added
-        Per-gene PCC of every method goes to ``var[f"{key_added}_pcc_{method}"]`` (NaN for
-        genes not scored), the summary table and parameters to ``uns[key_added]``.
+        Per-gene PCC of every method goes to ``var[f"{{key_added}}_pcc_{{method}}"]`` (NaN
+        for genes not scored), the summary table and parameters to ``uns[key_added]``.
 
     Returns
     -------
     A tidy table with columns ``method``, ``section`` (``"all"`` or a section name),
     ``metric``, ``value``, ``n_spots``, ``n_genes``, ``n_genes_undefined``.
     """
-    table = resolve_stack(data, library_key=library_key or Key.obs.library).table
-    record = table.uns.get(Key.uns.params(key), {}).get("impute")
-    if record is None or key not in table.obsm:
-        raise ValueError(
-            f"No imputation under key {key!r} (uns[{key!r}]['impute'] and obsm[{key!r}]); run "
-            f"asign_sc.tl.impute(..., key_added={key!r}) first, or pass key=."
-        )
-    library_key = library_key or str(record.get("library_key", Key.obs.library))
-    stack = resolve_stack(data, library_key=library_key)
+    stack = resolve_stack(data, library_key=library_key or Key.obs.library)
+    record = _record(stack.table, key, layer)
+    if library_key is None and record.get("library_key") not in (None, stack.library_key):
+        stack = resolve_stack(data, library_key=str(record["library_key"]))
+    table = stack.table
     sections = [sections] if isinstance(sections, str) else [str(s) for s in sections]
     if not sections:
         raise ValueError("sections= is empty: name the sections to score.")
-    known = [str(s) for s in np.atleast_1d(record["known_sections"])]
+    known = [
+        str(s)
+        for s in np.atleast_1d(
+            known_sections if known_sections is not None else record.get("known_sections", [])
+        )
+    ]
+    _check_baselines(baselines, known, key if layer is None else f"layers[{layer!r}]")
     seen = sorted(set(sections) & set(known))
     if seen:
         logger.warning(
@@ -117,138 +131,168 @@ def evaluate(
             "the input, not imputation.",
             seen,
         )
+    rows = np.concatenate([stack[s].rows for s in sections])
+    name, prediction, genes = _prediction(table, key, layer, genes, rows)
+    counts_layer = counts_layer if counts_layer is not None else record.get("counts_layer")
+    target_sum = float(record.get("target_sum", DEFAULT_TARGET_SUM))
+    validate_counts(
+        table, counts_layer, rows={s: stack[s].rows for s in sections}, what="scored sections"
+    )
+    truth = normalized_expression(table, counts_layer, rows, genes, target_sum=target_sum)
+    predictions = {name: prediction[rows]}
+    if baselines:
+        values, known_mask = known_expression(
+            stack, known, genes, counts_layer=counts_layer, target_sum=target_sum
+        )
+        for baseline in baselines:
+            predictions[baseline] = _baseline(stack, baseline, values, known_mask, record)[rows]
+    result = _score_all(table, stack, predictions, truth, rows, sections, spearman)
+    _write(
+        table,
+        result,
+        predictions,
+        truth,
+        genes,
+        key_added,
+        record={
+            "key": name,
+            "sections": sections,
+            "known_sections": known,
+            "genes": genes,
+            "baselines": list(baselines),
+            "counts_layer": counts_layer,
+            "target_sum": target_sum,
+        },
+    )
+    return result
+
+
+def _record(table: AnnData, key: str, layer: str | None) -> dict[str, Any]:
+    """The imputation's parameters (``uns[key]['impute']``), with ``None`` restored."""
+    params = table.uns.get(Key.uns.params(key), {})
+    record = params.get("impute") if hasattr(params, "get") else None
+    if layer is None and (record is None or key not in table.obsm):
+        raise ValueError(
+            f"No imputation under key {key!r} (uns[{key!r}]['impute'] and obsm[{key!r}]); run "
+            f"asign_sc.tl.impute(..., key_added={key!r}) first, pass key=, or score a layer "
+            "with layer=."
+        )
+    if layer is not None and (record is None or record.get("layer_added") != layer):
+        record = {}
+    record = {k: unsanitize_none(v) for k, v in dict(record).items()}
+    if "counts_layer" not in record and "layer" in record:  # written before 0.2
+        record["counts_layer"] = record["layer"]
+    return record
+
+
+def _check_baselines(baselines: Sequence[str], known: list[str], what: str) -> None:
     unknown_baselines = [b for b in baselines if b not in BASELINES]
     if unknown_baselines:
         raise ValueError(f"Unknown baselines {unknown_baselines}; choose from {list(BASELINES)}.")
     if baselines and not known:
         raise ValueError(
-            f"The imputation in obsm[{key!r}] used no known section (image-only), so the "
-            f"baselines {list(baselines)}, which start from measured spots, have nothing to "
-            "start from: pass baselines=()."
+            f"No known section for the baselines {list(baselines)}: the prediction {what} used "
+            "none (image-only) or does not say which. Pass known_sections= naming the measured "
+            "sections the baselines start from, or baselines=()."
         )
-    imputed: pd.DataFrame = table.obsm[key]
-    genes = list(imputed.columns) if genes is None else [str(g) for g in genes]
-    missing = [g for g in genes if g not in imputed.columns]
-    if missing:
-        raise ValueError(f"Genes {missing[:5]} were not imputed under key {key!r}.")
-    counts_layer = truth_layer if truth_layer is not None else _none(record.get("layer"))
-    target_sum = float(record.get("target_sum", DEFAULT_TARGET_SUM))
 
-    rows = np.concatenate([stack[s].rows for s in sections])
-    validate_counts(table, layer=counts_layer, rows=rows)
-    truth = _normalised(table, counts_layer, rows, genes, target_sum)
-    predictions = {key: imputed[genes].to_numpy(dtype=float)[rows]}
-    for baseline in baselines:
-        predictions[baseline] = _baseline(
-            data, stack, baseline, known, genes, counts_layer, target_sum, record
-        )[rows]
 
-    section_of = table.obs[library_key].astype(str).to_numpy()[rows]
+def _prediction(
+    table: AnnData, key: str, layer: str | None, genes: Sequence[str] | None, rows: np.ndarray
+) -> tuple[str, np.ndarray, list[str]]:
+    """Name, ``(n_obs, n_genes)`` prediction and genes of what is scored."""
+    if layer is None:
+        imputed: pd.DataFrame = table.obsm[key]
+        genes = list(imputed.columns) if genes is None else [str(g) for g in genes]
+        missing = [g for g in genes if g not in imputed.columns]
+        if missing:
+            raise ValueError(f"Genes {missing[:5]} were not imputed under key {key!r}.")
+        return key, imputed[genes].to_numpy(dtype=float), genes
+    if layer not in table.layers:
+        raise ValueError(f"layers[{layer!r}] is missing; the table has {list(table.layers)}.")
+    matrix = table.layers[layer]
+    if genes is None:
+        nonzero = np.asarray(abs(matrix[rows]).sum(axis=0)).ravel() > 0
+        genes = [str(g) for g in table.var_names[nonzero]]
+        if not genes:
+            raise ValueError(f"layers[{layer!r}] is all zero on the scored sections.")
+    genes = [str(g) for g in genes]
+    columns = matrix[:, gene_positions(table, genes)]
+    dense = columns.toarray() if hasattr(columns, "toarray") else np.asarray(columns)
+    return layer, dense.astype(float), genes
+
+
+def _baseline(
+    stack: SectionStack, name: str, values: np.ndarray, known: np.ndarray, record: dict
+) -> np.ndarray:
+    return baseline_prediction(
+        stack,
+        name,
+        values,
+        known,
+        graph_key=record.get("graph_key") or Key.obsp.graph3d,
+        features_key=record.get("features_key") or "asign",
+        standardize=record.get("standardize_features", "section"),
+        spatial_key=record.get("spatial_key") or Key.obsm.spatial_aligned,
+        n_iterations=int(record.get("n_iterations") or 10),
+    ).values.astype(float)
+
+
+def _score_all(
+    table: AnnData,
+    stack: SectionStack,
+    predictions: dict[str, np.ndarray],
+    truth: np.ndarray,
+    rows: np.ndarray,
+    sections: list[str],
+    spearman: bool,
+) -> pd.DataFrame:
+    """Scores of every method over all scored spots and, with several sections, per section."""
+    section_of = table.obs[stack.library_key].astype(str).to_numpy()[rows]
     frames = []
     for method, pred in predictions.items():
         frames.append(_scores(truth, pred, method, "all", spearman))
         for name in sections if len(sections) > 1 else []:
             mask = section_of == name
             frames.append(_scores(truth[mask], pred[mask], method, name, spearman))
-    result = pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True)
 
+
+def _write(
+    table: AnnData,
+    result: pd.DataFrame,
+    predictions: dict[str, np.ndarray],
+    truth: np.ndarray,
+    genes: list[str],
+    key_added: str,
+    *,
+    record: dict[str, Any],
+) -> None:
+    """Per-gene PCC to ``var``, the summary and parameters to ``uns[key_added]``; log them."""
     positions = gene_positions(table, genes)
+    columns = []
     for method, pred in predictions.items():
         column = np.full(table.n_vars, np.nan)
         column[positions] = _gene_pcc(truth, pred)
-        table.var[f"{key_added}_pcc_{method}"] = column
+        columns.append(f"{key_added}_pcc_{method}")
+        table.var[columns[-1]] = column
     overall = result[result["section"] == "all"].pivot(
         index="method", columns="metric", values="value"
     )
-    table.uns[Key.uns.params(key_added)] = sanitize_uns(
-        {
-            "summary": {m: overall.loc[m].to_dict() for m in overall.index},
-            "params": {
-                "key": key,
-                "sections": sections,
-                "known_sections": known,
-                "genes": genes,
-                "baselines": list(baselines),
-                "truth_layer": counts_layer,
-                "target_sum": target_sum,
-            },
-        }
-    )
+    summary = {m: overall.loc[m].to_dict() for m in overall.index}
+    table.uns[Key.uns.params(key_added)] = {}
+    update_params(table, key_added, "summary", summary)
+    update_params(table, key_added, "params", record)
     logger.info(
-        "Scored %s on %d spots x %d genes of %s: per-gene PCC %s. Added var[%r], uns[%r].",
-        key,
-        len(rows),
+        "Scored %s on %d spots x %d genes of %s: per-gene PCC %s. Added var %s and uns[%r].",
+        record["key"],
+        len(truth),
         len(genes),
-        sections,
+        record["sections"],
         ", ".join(f"{m} {overall.loc[m, 'pcc_gene']:.3f}" for m in overall.index),
-        f"{key_added}_pcc_*",
+        columns,
         key_added,
     )
-    return result
-
-
-def _none(value: Any) -> Any:
-    return None if value is None or value == "None" else value
-
-
-def _normalised(
-    table: AnnData, layer: str | None, rows: np.ndarray, genes: list[str], target_sum: float
-) -> np.ndarray:
-    counts = counts_matrix(table, layer, rows)
-    totals = np.asarray(counts.sum(axis=1)).ravel()
-    return log_normalize(counts[:, gene_positions(table, genes)], totals, target_sum=target_sum)
-
-
-def _baseline(
-    data: AnnData | SpatialData,
-    stack: Any,
-    name: str,
-    known: list[str],
-    genes: list[str],
-    layer: str | None,
-    target_sum: float,
-    record: dict,
-) -> np.ndarray:
-    table = stack.table
-    if name == "mean":
-        rows = np.concatenate([stack[s].rows for s in known])
-        profile = _normalised(table, layer, rows, genes, target_sum).mean(axis=0)
-        return np.broadcast_to(profile, (table.n_obs, len(genes)))
-    from asign_sc.tl._impute import impute
-
-    light = _light_copy(data)
-    impute(
-        light,
-        method=name,
-        known_sections=known,
-        genes=genes,
-        layer=layer,
-        library_key=stack.library_key,
-        graph_key=_none(record.get("graph_key")),
-        features_key=_none(record.get("features_key")),
-        **(
-            {"standardize_features": _none(record["standardize_features"])}
-            if "standardize_features" in record
-            else {}
-        ),
-        layer_added="baseline",
-        key_added="baseline",
-    )
-    return _table_of(light).obsm["baseline"][genes].to_numpy(dtype=float)
-
-
-def _light_copy(data: AnnData | SpatialData) -> AnnData | SpatialData:
-    """The table and spots without images: enough for the baselines, cheap to copy."""
-    if is_spatialdata(data):
-        from spatialdata import SpatialData
-
-        table = data.tables[Key.sdata.table]
-        return SpatialData(shapes=dict(data.shapes), tables={Key.sdata.table: table.copy()})
-    return data.copy()
-
-
-def _table_of(data: AnnData | SpatialData) -> AnnData:
-    return data.tables[Key.sdata.table] if is_spatialdata(data) else data
 
 
 def _gene_pcc(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:

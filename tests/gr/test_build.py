@@ -20,7 +20,7 @@ def brute_force_edges(
     *,
     k_within: int,
     k_across: int,
-    feature_key: str | None,
+    features_key: str | None,
     radius: dict[str, float],
     sample_key: str | None = None,
     similarity_radius: float | None = None,
@@ -32,8 +32,8 @@ def brute_force_edges(
     r = np.array([radius[s] for s in section])
     d = np.linalg.norm(xy[:, None] - xy[None], axis=2)
     w_across = circle_iou(d, r[:, None], r[None, :])
-    if feature_key is not None:
-        f = adata.obsm[feature_key].astype(float)
+    if features_key is not None:
+        f = adata.obsm[features_key].astype(float)
         f /= np.linalg.norm(f, axis=1, keepdims=True)
         w_across = w_across + np.maximum(f @ f.T, 0)
     if similarity_radius is not None:
@@ -79,11 +79,11 @@ def test_matches_brute_force(seed, feature_dim, make_stack):
     )
     feature_key = "feat" if feature_dim else None
     build_3d_graph(
-        adata, spatial_key="spatial", feature_key=feature_key, n_neighs_within=6, n_neighs_across=5
+        adata, spatial_key="spatial", features_key=feature_key, n_neighs_within=6, n_neighs_across=5
     )
     radius = {f"p0s{s}": r for s, r in enumerate([27.5, 40.0, 20.0, 33.0])}
     expected = brute_force_edges(
-        adata, k_within=6, k_across=5, feature_key=feature_key, radius=radius
+        adata, k_within=6, k_across=5, features_key=feature_key, radius=radius
     )
     assert_same_edges(graph_edges(adata), expected)
 
@@ -94,12 +94,12 @@ def test_matches_brute_force_with_blockwise_torch_search(monkeypatch, make_stack
     monkeypatch.setattr(_search, "_SMALL_ELEMENTS", 0)
     monkeypatch.setattr(_search, "_BLOCK_ELEMENTS", 100)
     adata = make_stack(3, (7, 6), seed=3, feature_dim=7)
-    build_3d_graph(adata, spatial_key="spatial", feature_key="feat", n_neighs_across=6)
+    build_3d_graph(adata, spatial_key="spatial", features_key="feat", n_neighs_across=6)
     expected = brute_force_edges(
         adata,
         k_within=8,
         k_across=6,
-        feature_key="feat",
+        features_key="feat",
         radius=dict.fromkeys(adata.obs["section"].cat.categories, RADIUS),
     )
     assert_same_edges(graph_edges(adata), expected)
@@ -110,13 +110,17 @@ def test_similarity_radius_matches_brute_force(seed, make_stack):
     radii = [27.5, 40.0, 20.0]
     adata = make_stack(3, (7, 6), seed=seed, feature_dim=5, radii=radii)
     build_3d_graph(
-        adata, spatial_key="spatial", feature_key="feat", n_neighs_across=5, similarity_radius=150.0
+        adata,
+        spatial_key="spatial",
+        features_key="feat",
+        n_neighs_across=5,
+        similarity_radius=150.0,
     )
     expected = brute_force_edges(
         adata,
         k_within=8,
         k_across=5,
-        feature_key="feat",
+        features_key="feat",
         radius={f"p0s{s}": r for s, r in enumerate(radii)},
         similarity_radius=150.0,
     )
@@ -134,13 +138,13 @@ def test_matches_brute_force_with_samples_and_no_edges_between_them(make_stack):
     adata = make_stack(3, (6, 5), seed=4, n_samples=2, shift=0.0, feature_dim=8)
     # The two samples lie on top of each other: only sample_key keeps them apart.
     build_3d_graph(
-        adata, spatial_key="spatial", sample_key="sample", feature_key="feat", n_neighs_across=4
+        adata, spatial_key="spatial", sample_key="sample", features_key="feat", n_neighs_across=4
     )
     expected = brute_force_edges(
         adata,
         k_within=8,
         k_across=4,
-        feature_key="feat",
+        features_key="feat",
         radius=dict.fromkeys(adata.obs["section"].cat.categories, RADIUS),
         sample_key="sample",
     )
@@ -152,15 +156,15 @@ def test_matches_brute_force_with_samples_and_no_edges_between_them(make_stack):
 
 def test_default_candidates_are_exact_and_fewer_are_a_subset_of_candidates(make_stack):
     adata = make_stack(3, (8, 8), seed=5, feature_dim=6)
-    build_3d_graph(adata, spatial_key="spatial", feature_key="feat", n_neighs_across=6)
+    build_3d_graph(adata, spatial_key="spatial", features_key="feat", n_neighs_across=6)
     exact = graph_edges(adata)
     _, exact_across = split_graph(adata)
     build_3d_graph(
-        adata, spatial_key="spatial", feature_key="feat", n_neighs_across=6, across_candidates=40
+        adata, spatial_key="spatial", features_key="feat", n_neighs_across=6, across_candidates=40
     )
     assert_same_edges(graph_edges(adata), exact)
     build_3d_graph(
-        adata, spatial_key="spatial", feature_key="feat", n_neighs_across=6, across_candidates=1
+        adata, spatial_key="spatial", features_key="feat", n_neighs_across=6, across_candidates=1
     )
     assert adata.uns["spatial3d_neighbors"]["params"]["across_candidates"] == 1
     # Each across edge is an overlap or the single most similar spot of that section.
@@ -177,17 +181,17 @@ def test_default_candidates_are_exact_and_fewer_are_a_subset_of_candidates(make_
 
 def test_auto_search_is_exact_on_small_stacks_and_recorded(make_stack):
     adata = make_stack(3, (8, 8), seed=5, feature_dim=6)
-    build_3d_graph(adata, spatial_key="spatial", feature_key="feat", n_neighs_across=6)
+    build_3d_graph(adata, spatial_key="spatial", features_key="feat", n_neighs_across=6)
     params = adata.uns["spatial3d_neighbors"]["params"]
     assert params["feature_search"] == "exact" and params["approximate_search"] == "None"
     exact = graph_edges(adata)
     build_3d_graph(
-        adata, spatial_key="spatial", feature_key="feat", n_neighs_across=6, feature_search="exact"
+        adata, spatial_key="spatial", features_key="feat", n_neighs_across=6, feature_search="exact"
     )
     assert graph_edges(adata) == exact
     build_3d_graph(adata, spatial_key="spatial", n_neighs_across=6, similarity=None)
     assert adata.uns["spatial3d_neighbors"]["params"]["feature_search"] == "None"
-    build_3d_graph(adata, spatial_key="spatial", feature_key="feat", similarity_radius=200.0)
+    build_3d_graph(adata, spatial_key="spatial", features_key="feat", similarity_radius=200.0)
     assert adata.uns["spatial3d_neighbors"]["params"]["feature_search"] == "None"
 
 
@@ -196,7 +200,7 @@ def test_auto_search_is_approximate_on_large_sections(monkeypatch, make_stack):
 
     adata = make_stack(3, (8, 8), seed=5, feature_dim=6)
     monkeypatch.setattr(_ann, "EXACT_MAX_WORK", 64 * 64 * 6 - 1)
-    build_3d_graph(adata, spatial_key="spatial", feature_key="feat")
+    build_3d_graph(adata, spatial_key="spatial", features_key="feat")
     params = adata.uns["spatial3d_neighbors"]["params"]
     assert params["feature_search"] == "approximate"
     assert params["approximate_search"]["search_dim"] == 64
@@ -207,7 +211,7 @@ def test_approximate_search_recalls_the_exact_edges(clustered_features, make_sta
     adata.obsm["feat"] = clustered_features(adata.n_obs, 40, seed=30)
     found = {}
     for search in ("exact", "approximate"):
-        build_3d_graph(adata, spatial_key="spatial", feature_key="feat", feature_search=search)
+        build_3d_graph(adata, spatial_key="spatial", features_key="feat", feature_search=search)
         assert adata.uns["spatial3d_neighbors"]["params"]["feature_search"] == search
         found[search] = graph_edges(adata)
     exact, approximate = found["exact"], found["approximate"]
@@ -223,12 +227,12 @@ def test_approximate_search_recalls_the_exact_edges(clustered_features, make_sta
 
 def test_approximate_search_on_a_small_stack_is_the_exact_graph(make_stack):
     adata = make_stack(3, (8, 8), seed=5, feature_dim=6)
-    build_3d_graph(adata, spatial_key="spatial", feature_key="feat", n_neighs_across=6)
+    build_3d_graph(adata, spatial_key="spatial", features_key="feat", n_neighs_across=6)
     exact = graph_edges(adata)
     build_3d_graph(
         adata,
         spatial_key="spatial",
-        feature_key="feat",
+        features_key="feat",
         n_neighs_across=6,
         feature_search="approximate",
         n_jobs=1,
@@ -239,7 +243,7 @@ def test_approximate_search_on_a_small_stack_is_the_exact_graph(make_stack):
 
 def test_degrees_and_weight_ranges(make_stack):
     adata = make_stack(3, (8, 6), seed=6, feature_dim=4)
-    build_3d_graph(adata, spatial_key="spatial", feature_key="feat")
+    build_3d_graph(adata, spatial_key="spatial", features_key="feat")
     within, across = split_graph(adata)
     assert np.all(within.getnnz(axis=1) == 8)
     assert np.all(across.getnnz(axis=1) == 12)  # features make every candidate positive
@@ -249,10 +253,10 @@ def test_degrees_and_weight_ranges(make_stack):
 
 def test_symmetric_option(make_stack):
     adata = make_stack(3, (6, 6), seed=7, feature_dim=3)
-    build_3d_graph(adata, spatial_key="spatial", feature_key="feat", n_neighs_across=4)
+    build_3d_graph(adata, spatial_key="spatial", features_key="feat", n_neighs_across=4)
     directed = adata.obsp["spatial3d_connectivities"].copy()
     build_3d_graph(
-        adata, spatial_key="spatial", feature_key="feat", n_neighs_across=4, symmetric=True
+        adata, spatial_key="spatial", features_key="feat", n_neighs_across=4, symmetric=True
     )
     conn = adata.obsp["spatial3d_connectivities"]
     dist = adata.obsp["spatial3d_distances"]
@@ -317,13 +321,13 @@ def test_note_without_features_and_default_feature_key(caplog, make_stack):
     with caplog.at_level(logging.INFO, logger="asign_sc"):
         build_3d_graph(adata, spatial_key="spatial")
     assert any("IoU) alone" in r.getMessage() for r in caplog.records)
-    assert adata.uns["spatial3d_neighbors"]["params"]["feature_key"] == "None"
+    assert adata.uns["spatial3d_neighbors"]["params"]["features_key"] == "None"
     adata.obsm[Key.obsm.features("asign", "spot")] = np.abs(
         np.random.default_rng(0).normal(size=(adata.n_obs, 4))
     )
     build_3d_graph(adata, spatial_key="spatial")
     params = adata.uns["spatial3d_neighbors"]["params"]
-    assert params["feature_key"] == "X_asign_spot"
+    assert params["features_key"] == "X_asign_spot"
     assert params["across_weight"] == "IoU + max(cosine, 0)"
     build_3d_graph(adata, spatial_key="spatial", similarity=None)
     assert adata.uns["spatial3d_neighbors"]["params"]["across_weight"] == "IoU"
@@ -332,7 +336,7 @@ def test_note_without_features_and_default_feature_key(caplog, make_stack):
 def test_storage_keys_params_and_h5ad_roundtrip(tmp_path, make_stack):
     adata = make_stack(3, (4, 4), seed=12, feature_dim=3)
     adata.obsm["spatial_aligned"] = adata.obsm["spatial"].copy()
-    out = build_3d_graph(adata, feature_key="feat", key_added="g3", section_spacing=50.0)
+    out = build_3d_graph(adata, features_key="feat", key_added="g3", section_spacing=50.0)
     assert out is None
     assert isinstance(adata.obsp["g3_connectivities"], sp.csr_matrix)
     assert isinstance(adata.obsp["g3_distances"], sp.csr_matrix)
@@ -407,11 +411,11 @@ def test_errors_say_what_to_do(make_stack):
     adata = make_stack(2, (4, 4), seed=17, feature_dim=3)
     with pytest.raises(InvalidStackError, match="register_sections"):
         build_3d_graph(adata)
-    with pytest.raises(InvalidStackError, match=r"obsm\['nope'\] is missing"):
-        build_3d_graph(adata, spatial_key="spatial", feature_key="nope")
+    with pytest.raises(InvalidStackError, match=r"nor obsm\['nope'\] exists"):
+        build_3d_graph(adata, spatial_key="spatial", features_key="nope")
     adata.obsm["feat"][3] = 0
     with pytest.raises(InvalidStackError, match="all-zero features"):
-        build_3d_graph(adata, spatial_key="spatial", feature_key="feat")
+        build_3d_graph(adata, spatial_key="spatial", features_key="feat")
     with pytest.raises(ValueError, match="n_neighs_across"):
         build_3d_graph(adata, spatial_key="spatial", n_neighs_across=-1)
     with pytest.raises(ValueError, match="similarity"):

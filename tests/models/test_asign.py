@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
+from asign_sc._utils import resolve_device
 from asign_sc.models import ASIGNModel, ASIGNNet
-from asign_sc.models._asign import PCAReduction, resolve_device
+from asign_sc.models._asign import PCAReduction
 
 
 def _net(toy, **kw):
@@ -75,11 +79,11 @@ def test_model_save_load_weights_only(toy, tmp_path):
     model = ASIGNModel.from_settings(settings)
     model.net.fit_reduction({"spot": toy.spot, "region": toy.region, "global": toy.glob})
     model.history = {"loss": [1.0, 0.5]}
-    path = model.save(tmp_path / "m.pt")
-    raw = torch.load(path, weights_only=True)
-    assert raw["format"] == "asign_sc.ASIGNModel"
+    path = model.save(tmp_path / "m")
+    assert json.loads((path / "settings.json").read_text())["format"] == "asign_sc.ASIGNModel"
+    torch.load(path / "weights.pt", weights_only=True)
     loaded = ASIGNModel.load(path)
-    assert loaded.genes == model.genes and loaded.history == {"loss": [1.0, 0.5]}
+    assert loaded.genes == model.genes and loaded.history["loss"].tolist() == [1.0, 0.5]
     model.net.eval()
     for level, x in (("spot", toy.spot), ("region", toy.region)):
         torch.testing.assert_close(loaded.net.reduce(level, x), model.net.reduce(level, x))
@@ -98,10 +102,62 @@ def test_model_save_load_weights_only(toy, tmp_path):
     assert "n_genes=7" in repr(loaded)
 
 
-def test_load_rejects_other_files(tmp_path):
+def test_load_rejects_other_files_in_our_own_words(tmp_path):
     torch.save({"a": torch.zeros(1)}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="not an asign_sc model"):
         ASIGNModel.load(tmp_path / "x.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty or truncated"):
+        ASIGNModel.load(tmp_path / "empty.pt")
+    (tmp_path / "noise.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ValueError, match="not an asign_sc model file") as info:
+        ASIGNModel.load(tmp_path / "noise.pt")
+    assert "weights_only" not in str(info.value)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="not an asign_sc model folder"):
+        ASIGNModel.load(tmp_path / "folder")
+    with pytest.raises(FileNotFoundError):
+        ASIGNModel.load(tmp_path / "missing")
+
+
+def test_single_file_checkpoints_of_version_1_still_load(toy, tmp_path):
+    """The format of 0.1: one torch.save file with settings, history and state dict."""
+    arch = _arch(toy, n_components=4, n_models=2)
+    torch.manual_seed(0)
+    model = ASIGNModel.from_settings({"architecture": arch, "genes": list("abcdefg")})
+    settings = {
+        **model.settings,
+        "sample_key": None,
+        "training": {"epochs": 5, "lr": 1e-3, "seed": 0, "best_epoch": [3, 4]},
+    }
+    state = {k: v.clone() for k, v in model.net.state_dict().items()}
+    old = {
+        "format": "asign_sc.ASIGNModel",
+        "version": 1,
+        "settings": settings,
+        "history": {"loss": [2.0, 1.0], "member": [0, 1]},
+        "state_dict": state,
+    }
+    torch.save(old, tmp_path / "old.pt")
+    loaded = ASIGNModel.load(tmp_path / "old.pt")
+    assert loaded.genes == list("abcdefg") and loaded.n_models == 2
+    assert loaded.run["best_epoch"] == [3, 4]
+    assert loaded.history["loss"].tolist() == [2.0, 1.0]
+    for key, value in loaded.net.state_dict().items():
+        torch.testing.assert_close(value, state[key])
+
+
+def test_save_refuses_to_overwrite_unless_asked(toy, tmp_path):
+    model = ASIGNModel.from_settings({"architecture": _arch(toy), "genes": list("abcdefg")})
+    path = model.save(tmp_path / "m")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        model.save(path)
+    (tmp_path / "file").write_text("not a model")
+    with pytest.raises(FileExistsError):
+        model.save(tmp_path / "file")
+    model.save(tmp_path / "file", overwrite=True)
+    assert ASIGNModel.load(tmp_path / "file").genes == model.genes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "m"]
 
 
 def test_resolve_device():
@@ -127,8 +183,9 @@ def test_ablated_architecture_is_rebuilt_from_a_checkpoint(toy, tmp_path, switch
     state = model.net.state_dict()
     assert not any(absent in k for k in state)
     assert "without=" in repr(model)
-    loaded = ASIGNModel.load(model.save(tmp_path / "m.pt"))
-    assert loaded.settings["architecture"] == arch
+    loaded = ASIGNModel.load(model.save(tmp_path / "m"))
+    stored = loaded.settings["architecture"]
+    assert {k: stored[k] for k in arch} == arch  # the rest: defaults, spelled out
     assert loaded.net.state_dict().keys() == state.keys()
     model.net.eval()
     a = model.net(*_args(toy), toy.values, toy.known)

@@ -68,7 +68,7 @@ def test_asign_without_known_sections_says_what_to_do(model):
 def test_evaluate_scores_an_image_only_imputation_without_baselines(model):
     new = _other_patient(seed=0)
     impute(new, model, method="network", device="cpu")
-    with pytest.raises(ValueError, match=re.escape("pass baselines=()")):
+    with pytest.raises(ValueError, match=re.escape("or baselines=()")):
         evaluate(new, sections=["P1", "P2"])
     scores = evaluate(new, sections=["P1", "P2"], baselines=())
     assert scores["method"].nunique() == 1  # the imputation only, no baseline rows

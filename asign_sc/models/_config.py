@@ -1,0 +1,199 @@
+"""Typed settings of ASIGN: the network's architecture and how it is trained.
+
+Both are frozen dataclasses validated once, on construction; ``to_dict``/``from_dict`` give
+the plain-JSON form stored in model folders and in ``uns[key_added]["fit"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from asign_sc.models._losses import LossWeights
+
+__all__ = ["ArchitectureConfig", "TrainingConfig"]
+
+Optimizer = Literal["adamw", "sgd"]
+Standardize = Literal["section"] | None
+
+
+def _check_fraction(name: str, value: float, *, closed_low: bool) -> None:
+    low_ok = value >= 0 if closed_low else value > 0
+    if not (low_ok and value < 1):
+        interval = "[0, 1)" if closed_low else "(0, 1)"
+        raise ValueError(f"{name} must lie in {interval}, got {value}.")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+
+
+def _check_positive_int(name: str, value: Any, *, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.{hint}")
+
+
+class _Config:
+    """``to_dict``/``from_dict`` shared by the configs."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (nested dataclasses become dicts)."""
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Any:
+        """Build from :meth:`to_dict`'s output; unknown keys are an error, missing ones default."""
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"Unknown {cls.__name__} settings {unknown}; known: {sorted(names)}.")
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+@dataclass(frozen=True)
+class ArchitectureConfig(_Config):
+    """Architecture of MSAGNet and the cross-layer imputation (paper §III).
+
+    Parameters
+    ----------
+    hidden_dim
+        Width of the fused spot representation and of every graph-attention round.
+    n_gat_layers
+        Graph-attention rounds (spot-wise layers with ``graph_attention=False``).
+    n_heads
+        Attention heads of the cross-attention and GATv2 layers.
+    dropout
+        Dropout inside the network.
+    cross_attention
+        Fuse spot, region and global features by cross-attention (eq. 2-3). ``False`` is the
+        paper's "w.o Cross-atten" ablation: region/global enter as a linear map of their mean
+        token.
+    graph_attention
+        Spread features over the 3D graph by GATv2 rounds (eq. 4). ``False`` is the paper's
+        "w.o GAT" ablation: spot-wise layers of the same depth and width.
+    n_iterations
+        Propagation steps ``T`` of the cross-layer imputation (eq. 5-6; paper: 10).
+    learn_node_weights
+        Learn the propagation's node weights ``α_j`` from node embeddings (else fixed).
+    n_components
+        Reduce each level's standardised features to this many principal components, fitted
+        on the training stack and stored in the model; ``None`` feeds the full embeddings
+        (slower, and more prone to over-fit a single known section).
+    """
+
+    hidden_dim: int = 128
+    n_gat_layers: int = 3
+    n_heads: int = 4
+    dropout: float = 0.1
+    cross_attention: bool = True
+    graph_attention: bool = True
+    n_iterations: int = 10
+    learn_node_weights: bool = True
+    n_components: int | None = 64
+
+    def __post_init__(self) -> None:
+        _check_positive_int("hidden_dim", self.hidden_dim)
+        _check_positive_int("n_heads", self.n_heads)
+        _check_positive_int("n_iterations", self.n_iterations)
+        for name in ("cross_attention", "graph_attention", "learn_node_weights"):
+            _check_bool(name, getattr(self, name))
+        what = "graph-attention rounds" if self.graph_attention else "spot-wise layers"
+        _check_positive_int(
+            "n_gat_layers",
+            self.n_gat_layers,
+            hint=f" It is the number of {what}; to train without graph attention pass "
+            "graph_attention=False.",
+        )
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}.")
+        if self.n_components is not None:
+            _check_positive_int("n_components", self.n_components, hint=" Or None.")
+
+
+@dataclass(frozen=True)
+class TrainingConfig(_Config):
+    """How ASIGN is trained, and the data choices a fitted model repeats at prediction.
+
+    Parameters
+    ----------
+    lr
+        Learning rate; default ``1e-3`` for AdamW, ``1e-2`` for SGD. Decays by a cosine
+        schedule to 1% of it (paper).
+    weight_decay
+        Weight decay (paper: ``1e-4``).
+    optimizer
+        ``"adamw"`` (default; converges in a few hundred full-graph steps) or ``"sgd"`` with
+        momentum 0.9, as in the paper.
+    mask_fraction
+        Share of the training spots hidden from the propagation input and supervised in each
+        epoch (paper: 20% of labels known, so 0.8).
+    validation_fraction
+        Share of the known spots held out for early stopping (0 disables validation).
+    early_stopping
+        Stop when the validation loss (its exponential moving average) has not improved for
+        ``patience`` epochs, and keep the best weights.
+    patience
+        Epochs without improvement before stopping.
+    loss_weights
+        λ and γ of eq. 7-9 and the PCC axis; default the paper's.
+    standardize_features
+        ``"section"`` (default): z-score every feature within each section, which removes the
+        section-to-section shift of image embeddings (stain, scanner); ``None``: features as
+        they are. Applied identically at prediction.
+    target_sum
+        Counts per spot after library-size normalisation (expression is
+        ``log1p(counts / library size * target_sum)``).
+    region_size, global_size
+        Window sides (full-resolution px) of the region/global targets (eq. 10); default the
+        window sizes recorded by the feature extraction, else 512 and 1024 px.
+    """
+
+    lr: float | None = None
+    weight_decay: float = 1e-4
+    optimizer: Optimizer = "adamw"
+    mask_fraction: float = 0.8
+    validation_fraction: float = 0.2
+    early_stopping: bool = True
+    patience: int = 30
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+    standardize_features: Standardize = "section"
+    target_sum: float = 1e4
+    region_size: float | None = None
+    global_size: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loss_weights, Mapping):
+            object.__setattr__(self, "loss_weights", LossWeights(**self.loss_weights))
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}.")
+        if self.standardize_features not in ("section", None):
+            raise ValueError(
+                f"standardize_features must be 'section' or None, got "
+                f"{self.standardize_features!r}."
+            )
+        _check_fraction("mask_fraction", self.mask_fraction, closed_low=False)
+        _check_fraction("validation_fraction", self.validation_fraction, closed_low=True)
+        _check_bool("early_stopping", self.early_stopping)
+        _check_positive_int("patience", self.patience)
+        for name in ("lr", "region_size", "global_size"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive or None, got {value!r}.")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
+        if not self.target_sum > 0:
+            raise ValueError(f"target_sum must be positive, got {self.target_sum!r}.")
+        if self.early_stopping and self.validation_fraction == 0:
+            raise ValueError(
+                "early_stopping=True needs held-out spots: set validation_fraction > 0, or "
+                "early_stopping=False."
+            )
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or the optimiser's default when it is ``None``."""
+        if self.lr is not None:
+            return float(self.lr)
+        return 1e-3 if self.optimizer == "adamw" else 1e-2
