@@ -12,7 +12,7 @@ import torch
 
 from asign_sc._docs import doc_params
 from asign_sc._keys import Key
-from asign_sc._stack import resolve_stack, validate_counts
+from asign_sc._stack import SectionStack, resolve_stack, validate_counts
 from asign_sc._utils import resolve_device, update_params
 from asign_sc.models._config import ArchitectureConfig, TrainingConfig
 from asign_sc.models._data import StackData, known_targets, resolve_windows
@@ -115,23 +115,9 @@ def fit_asign(
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     stack = resolve_stack(data, library_key=library_key)
     table = stack.table
-    known_sections = [known_sections] if isinstance(known_sections, str) else known_sections
-    known_sections = [str(s) for s in known_sections]
-    rows = known_rows(stack, known_sections)
-    validate_counts(
-        table, counts_layer, rows={s: stack[s].rows for s in known_sections}, what="known sections"
+    known_sections, rows, genes = _known_spots_and_genes(
+        stack, known_sections, genes, n_top_genes=n_top_genes, counts_layer=counts_layer
     )
-    if len(known_sections) == len(stack) and len(stack) > 1:
-        logger.warning("Every section is known; there is nothing to impute across sections.")
-    if genes is None:
-        genes = select_genes(
-            data,
-            known_sections=known_sections,
-            n_top_genes=min(n_top_genes, table.n_vars),
-            counts_layer=counts_layer,
-            library_key=library_key,
-        )
-    genes = [str(g) for g in genes]
     windows = resolve_windows(
         table, stack, features_key, training.region_size, training.global_size
     )
@@ -193,6 +179,37 @@ def fit_asign(
     }
     _record_fit(table, model, n_known=len(rows), device=dev, key_added=key_added)
     return model
+
+
+def _known_spots_and_genes(
+    stack: SectionStack,
+    known_sections: Sequence[str] | str,
+    genes: Sequence[str] | None,
+    *,
+    n_top_genes: int,
+    counts_layer: str | None,
+) -> tuple[list[str], np.ndarray, list[str]]:
+    """The known sections, their rows (validated raw counts) and the genes to model."""
+    known_sections = [known_sections] if isinstance(known_sections, str) else known_sections
+    known_sections = [str(s) for s in known_sections]
+    rows = known_rows(stack, known_sections)
+    validate_counts(
+        stack.table,
+        counts_layer,
+        rows={s: stack[s].rows for s in known_sections},
+        what="known sections",
+    )
+    if len(known_sections) == len(stack) and len(stack) > 1:
+        logger.warning("Every section is known; there is nothing to impute across sections.")
+    if genes is None:
+        genes = select_genes(
+            stack.data,
+            known_sections=known_sections,
+            n_top_genes=min(n_top_genes, stack.table.n_vars),
+            counts_layer=counts_layer,
+            library_key=stack.library_key,
+        )
+    return known_sections, rows, [str(g) for g in genes]
 
 
 def _record_fit(
