@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 #: Baselines that need no model: the known spots' mean profile, and the imputation baselines
 #: of :func:`asign_sc.tl.impute`.
-BASELINES = ("mean", "propagation", "overlap", "similarity")
+BASELINES = ("mean", "propagation", "overlap", "similarity", "ridge", "ridge_propagation")
 
 
 @doc_params()
@@ -95,8 +95,8 @@ def evaluate(
         ``layer`` when baselines are asked for.
     baselines
         Any of ``"mean"`` (the known spots' mean profile for every spot), ``"propagation"``,
-        ``"overlap"`` and ``"similarity"`` (see :func:`asign_sc.tl.impute`), computed in
-        memory; ``data`` is not changed by them.
+        ``"overlap"``, ``"similarity"``, ``"ridge"`` and ``"ridge_propagation"`` (see
+        :func:`asign_sc.tl.impute`), computed in memory; ``data`` is not changed by them.
     spearman
         Also compute the Spearman correlation per gene.
     {library_key} Default: the imputation's, else ``"section"``.

@@ -94,6 +94,8 @@ def make_stack(
     adata.obsm["X_asign_spot"] = np.concatenate(spot).astype(np.float32)
     adata.obsm["X_asign_region_tokens"] = np.concatenate(region).astype(np.float32)
     adata.obsm["X_asign_global_tokens"] = np.concatenate(glob).astype(np.float32)
+    for level in ("region", "global"):  # pooled embeddings, as extract_features writes them
+        adata.obsm[f"X_asign_{level}"] = adata.obsm[f"X_asign_{level}_tokens"].mean(1)
     pts = np.c_[xy, z_level]
     dist, idx = cKDTree(pts).query(pts, k=11)
     rows = np.repeat(np.arange(len(pts)), 10)
@@ -478,6 +480,37 @@ def test_similarity_baseline_averages_most_similar_known_spots(stack):
         adata.obsm["asign"].to_numpy()[~known], truth[known][best], rtol=1e-5
     )
     assert (adata.obsm["asign_uncertainty"].to_numpy() == 0).all()  # k = 1: no spread
+
+
+def test_ridge_baselines_predict_from_images_and_spread_over_the_graph(stack):
+    from asign_sc.tl import evaluate
+
+    adata = stack.copy()
+    for method in ("ridge", "ridge_propagation"):
+        impute(
+            adata,
+            method=method,
+            known_sections=["S0"],
+            n_top_genes=10,
+            key_added=method,
+            layer_added=method,
+        )
+    genes = list(adata.obsm["ridge"].columns)
+    known = (adata.obs.section == "S0").to_numpy()
+    truth = truth_of(adata, genes)
+    ridge = adata.obsm["ridge"].to_numpy()
+    spread = adata.obsm["ridge_propagation"].to_numpy()
+    np.testing.assert_allclose(ridge[known], truth[known], atol=1e-5)
+    np.testing.assert_allclose(spread[known], truth[known], atol=1e-5)
+    assert per_gene_pcc(ridge[~known], truth[~known]) > 0.3  # features follow the field
+    assert not np.allclose(spread[~known], ridge[~known])
+    assert adata.uns["ridge"]["impute"]["alpha"] > 0
+    scores = evaluate(
+        adata, sections=["S1", "S2"], key="ridge", baselines=("ridge", "ridge_propagation")
+    )
+    overall = scores.query("section == 'all' and metric == 'pcc_gene'").set_index("method")
+    assert set(overall.index) == {"ridge", "ridge_propagation"}
+    assert np.isfinite(overall["value"]).all()
 
 
 @pytest.mark.slow

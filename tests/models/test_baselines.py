@@ -1,0 +1,84 @@
+"""Pure baseline functions: arrays in, arrays out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from asign_sc import InvalidStackError
+from asign_sc.models import _baselines
+
+
+@pytest.fixture
+def linear():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 10))
+    w = rng.normal(size=(10, 4))
+    y = (x @ w + 0.1 * rng.normal(size=(120, 4))).astype(np.float32)
+    known = np.zeros(120, dtype=bool)
+    known[:80] = True
+    return x, y, known
+
+
+def test_ridge_recovers_a_linear_map_and_keeps_known_values(linear):
+    x, y, known = linear
+    out = _baselines.ridge(x, y, known)
+    np.testing.assert_array_equal(out.values[known], y[known])
+    resid = out.values[~known] - y[~known]
+    assert np.sqrt((resid**2).mean()) < 0.2
+    assert out.params["alpha"] > 0
+    assert (out.uncertainty[~known] > 0).all() and (out.uncertainty[known] == 0).all()
+
+
+def test_ridge_leave_one_out_error_is_exact(linear):
+    """The closed-form leave-one-out error equals refitting without each spot."""
+    x, y, known = linear
+    alpha_rel = np.array([1.0])
+    out = _baselines.ridge(x, y, known, alphas=alpha_rel)
+    alpha = out.params["alpha"]
+    xk, yk = x[known], y[known].astype(float)
+    errors = []
+    for i in range(len(xk)):
+        keep = np.arange(len(xk)) != i
+        xm, ym = xk[keep].mean(0), yk[keep].mean(0)
+        a, b = xk[keep] - xm, yk[keep] - ym
+        coef = np.linalg.solve(a.T @ a + alpha * np.eye(a.shape[1]), a.T @ b)
+        errors.append(((xk[i] - xm) @ coef + ym - yk[i]) ** 2)
+    # centring on all known spots vs on the n-1 others differs by O(1/n): close, not equal
+    assert out.params["loo_mse"] == pytest.approx(np.mean(errors), rel=0.05)
+
+
+def test_ridge_chooses_strong_shrinkage_for_pure_noise():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(60, 40))
+    y = rng.normal(size=(60, 3)).astype(np.float32)
+    known = np.arange(60) < 40
+    out = _baselines.ridge(x, y, known)
+    # with nothing to learn the prediction shrinks towards the known mean
+    spread = out.values[~known].std(0)
+    assert (spread < 0.5 * y[known].std(0)).all()
+
+
+def test_label_spreading_clamps_known_and_smooths():
+    # a chain 0-1-2-3-4, spot 0 known with value 1, seed 0 elsewhere
+    rows = np.array([0, 1, 1, 2, 2, 3, 3, 4])
+    cols = np.array([1, 0, 2, 1, 3, 2, 4, 3])
+    graph = sp.csr_matrix((np.ones(8), (rows, cols)), shape=(5, 5))
+    seed = np.zeros((5, 1), dtype=np.float32)
+    seed[0] = 1.0
+    known = np.array([True, False, False, False, False])
+    out = _baselines.label_spreading(graph, seed, known, alpha=0.5, n_iterations=100)
+    v = out.values.ravel()
+    assert v[0] == 1.0
+    assert np.all(np.diff(v) < 0) and v[-1] > 0  # decays along the chain
+    none = _baselines.label_spreading(graph, seed, known, alpha=0.0)
+    np.testing.assert_array_equal(none.values, seed)
+    with pytest.raises(ValueError, match="alpha"):
+        _baselines.label_spreading(graph, seed, known, alpha=1.0)
+
+
+def test_baselines_need_a_known_spot(linear):
+    x, y, _ = linear
+    with pytest.raises(InvalidStackError, match="No known spot"):
+        _baselines.ridge(x, y, np.zeros(len(y), dtype=bool))
