@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 #: Baselines that need no model: the known spots' mean profile, and the imputation baselines
 #: of :func:`asign_sc.tl.impute`.
 BASELINES = ("mean", "propagation", "overlap", "similarity", "ridge", "ridge_propagation")
+N_VARIABLE = 50
+"""``pcc_gene_top50`` averages the per-gene PCC over this many most variable genes."""
 
 
 @doc_params()
@@ -64,6 +66,10 @@ def evaluate(
         be scored: it is left out of the average and counted in ``n_genes_undefined``. A
         prediction constant over the spots (such as the mean profile) captures none of the
         variation and scores 0 for that gene.
+    ``pcc_gene_top50``
+        ``pcc_gene`` averaged over the 50 scored genes most variable across the known spots
+        (across the scored spots when no section is known): the genes whose spatial pattern
+        matters most.
     ``pcc_spot``
         Pearson correlation across genes per spot, averaged over spots (the ASIGN paper's
         metric; dominated by the average expression profile).
@@ -140,13 +146,15 @@ def evaluate(
     )
     truth = normalized_expression(table, counts_layer, rows, genes, target_sum=target_sum)
     predictions = {name: prediction[rows]}
-    if baselines:
-        values, known_mask = known_expression(
-            stack, known, genes, counts_layer=counts_layer, target_sum=target_sum
-        )
-        for baseline in baselines:
-            predictions[baseline] = _baseline(stack, baseline, values, known_mask, record)[rows]
-    result = _score_all(table, stack, predictions, truth, rows, sections, spearman)
+    values, known_mask = known_expression(
+        stack, known, genes, counts_layer=counts_layer, target_sum=target_sum
+    )
+    for baseline in baselines:
+        predictions[baseline] = _baseline(stack, baseline, values, known_mask, record)[rows]
+    # the most variable genes where expression is known (the scored truth when none is)
+    reference = values[known_mask] if known_mask.any() else truth
+    variable = np.argsort(-reference.var(axis=0), kind="stable")[:N_VARIABLE]
+    result = _score_all(table, stack, predictions, truth, rows, sections, spearman, variable)
     _write(
         table,
         result,
@@ -246,15 +254,16 @@ def _score_all(
     rows: np.ndarray,
     sections: list[str],
     spearman: bool,
+    variable: np.ndarray,
 ) -> pd.DataFrame:
     """Scores of every method over all scored spots and, with several sections, per section."""
     section_of = table.obs[stack.library_key].astype(str).to_numpy()[rows]
     frames = []
     for method, pred in predictions.items():
-        frames.append(_scores(truth, pred, method, "all", spearman))
+        frames.append(_scores(truth, pred, method, "all", spearman, variable))
         for name in sections if len(sections) > 1 else []:
             mask = section_of == name
-            frames.append(_scores(truth[mask], pred[mask], method, name, spearman))
+            frames.append(_scores(truth[mask], pred[mask], method, name, spearman, variable))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -304,11 +313,17 @@ def _gene_pcc(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
 
 
 def _scores(
-    truth: np.ndarray, pred: np.ndarray, method: str, section: str, spearman: bool
+    truth: np.ndarray,
+    pred: np.ndarray,
+    method: str,
+    section: str,
+    spearman: bool,
+    variable: np.ndarray,
 ) -> pd.DataFrame:
     gene_pcc = _gene_pcc(truth, pred)
     metrics = {
         "pcc_gene": gene_pcc,
+        f"pcc_gene_top{N_VARIABLE}": gene_pcc[variable],
         "pcc_spot": pcc_per_spot(truth, pred),
         "mse": mse_per_gene(truth, pred),
         "mae": mae_per_gene(truth, pred),
@@ -317,10 +332,10 @@ def _scores(
         rho = spearman_per_gene(truth, pred)
         rho[np.isnan(rho) & ~np.isnan(gene_pcc)] = 0.0
         metrics["spearman_gene"] = rho
-    undefined = int(np.isnan(gene_pcc).sum())
     rows = []
     for metric, values in metrics.items():
         finite = values[np.isfinite(values)]
+        per_gene = metric != "pcc_spot"
         rows.append(
             {
                 "method": method,
@@ -328,8 +343,8 @@ def _scores(
                 "metric": metric,
                 "value": float(finite.mean()) if finite.size else float("nan"),
                 "n_spots": int(truth.shape[0]),
-                "n_genes": int(truth.shape[1]),
-                "n_genes_undefined": undefined if metric.endswith("_gene") else 0,
+                "n_genes": int(values.size if per_gene else truth.shape[1]),
+                "n_genes_undefined": int(np.isnan(values).sum()) if per_gene else 0,
             }
         )
     return pd.DataFrame(rows)

@@ -48,7 +48,14 @@ def test_baselines_are_scored_beside_the_method_and_stored(imputed):
     before = table.obsm["asign"].copy()
     scores = evaluate(imputed, sections=["S2", "S3"], spearman=True)
     assert set(scores["method"]) == {"asign", "mean", "propagation"}
-    assert set(scores["metric"]) == {"pcc_gene", "pcc_spot", "mse", "mae", "spearman_gene"}
+    assert set(scores["metric"]) == {
+        "pcc_gene",
+        "pcc_gene_top50",
+        "pcc_spot",
+        "mse",
+        "mae",
+        "spearman_gene",
+    }
     overall = scores[scores["section"] == "all"].set_index(["method", "metric"])["value"]
     # the imputation under test *is* propagation here: identical scores
     assert overall["asign", "pcc_gene"] == pytest.approx(overall["propagation", "pcc_gene"])
@@ -88,3 +95,21 @@ def test_errors(imputed):
         evaluate(imputed, sections=["S2"], baselines=("magic",))
     with pytest.raises(ValueError, match="were not imputed"):
         evaluate(imputed, sections=["S2"], genes=["not_a_gene"])
+
+
+def test_top_variable_genes_are_chosen_on_the_known_section(imputed, monkeypatch):
+    from asign_sc.tl import _evaluate
+
+    monkeypatch.setattr(_evaluate, "N_VARIABLE", 3)
+    table = imputed.tables["table"]
+    scores = evaluate(imputed, sections=["S2", "S3"], baselines=())
+    genes = list(table.obsm["asign"].columns)
+    counts = table.X.toarray()
+    known = (table.obs["section"] == "S1").to_numpy()
+    cols = [table.var_names.get_loc(g) for g in genes]
+    values = log_normalize(counts[known][:, cols], counts[known].sum(1))
+    top = np.argsort(-values.var(0), kind="stable")[:3]
+    per_gene = table.var.loc[genes, "asign_eval_pcc_asign"].to_numpy()
+    row = scores.query("section == 'all' and metric == 'pcc_gene_top3'").iloc[0]
+    assert row["value"] == pytest.approx(np.nanmean(per_gene[top]))
+    assert row["n_genes"] == 3
