@@ -9,15 +9,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from asign_sc._docs import doc_params
 from asign_sc._errors import InvalidStackError
 from asign_sc._keys import Key
 from asign_sc._stack import SectionStack, resolve_stack
+from asign_sc.pl._common import PLOT_DOCS, finish, panel_axes
 from asign_sc.pp._tissue import tissue_channel, tissue_mask
 from asign_sc.tl._registration import registration_key
 from asign_sc.tl._registration_init import warp_to
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
     from spatialdata import SpatialData
 
@@ -26,31 +29,35 @@ __all__ = ["registration"]
 logger = logging.getLogger(__name__)
 
 
+@doc_params(**PLOT_DOCS)
 def registration(
     data: AnnData | SpatialData,
     *,
     library_key: str = Key.obs.library,
     sections: Sequence[str] | None = None,
-    key_added: str = Key.sdata.aligned,
+    key: str = Key.sdata.aligned,
     max_side: int = 400,
     spots: bool = True,
     spot_size: float = 2.0,
     palette: Sequence[str] | None = None,
-    alpha: float = 0.45,
+    alpha: float = 0.18,
     figsize: tuple[float, float] | None = None,
     dpi: float | None = None,
     title: bool = True,
     show: bool | None = None,
     save: str | Path | None = None,
-) -> Figure:
+    return_fig: bool = False,
+    ax: Axes | Sequence[Axes] | None = None,
+) -> Figure | None:
     """Overlay of the sections before and after registration, one colour per section.
 
-    Each section's tissue (its stain channel inside the tissue mask) is drawn as a
-    translucent layer in its colour, with the mask outline and, optionally, the spot
-    centres on top. Left: the sections as they lie on their slides (own pixel frames
-    overlaid). Right: the sections in the aligned frame (full-resolution pixels of the
-    reference section). Where sections agree, colours mix to grey; misregistration shows
-    as coloured fringes and outlines that do not coincide.
+    Each section's tissue is outlined in its colour (the tissue-mask contour) over a light
+    tint of the same colour, on a grey shading of the stain where any section has tissue;
+    optionally the spot centres are drawn on top. Left: the sections as they lie on their
+    slides (own pixel frames overlaid). Right: the sections in the aligned frame
+    (full-resolution pixels of the reference section). Where sections agree, their
+    outlines coincide; misregistration shows as outlines that do not. One legend below
+    the panels names the colours.
 
     Parameters
     ----------
@@ -60,8 +67,8 @@ def registration(
         ``obs`` column naming each spot's section.
     sections
         Sections to draw, in order. Default: the registered ones.
-    key_added
-        ``key_added`` of the registration to show.
+    key
+        ``key_added`` of the registration to show (:func:`asign_sc.tl.register_sections`).
     max_side
         Long side in pixels of each rendered panel (and of the image level read).
     spots
@@ -72,38 +79,39 @@ def registration(
     palette
         One matplotlib colour per section. Default: ``tab10``.
     alpha
-        Opacity of tissue covered by one section; it grows to 1 where all overlap.
+        Opacity of each section's colour tint over its tissue (tints of overlapping
+        sections are composited, so they stay light and their hues stay apart).
     figsize, dpi
         Figure size in inches and resolution. Default size: 10 x 5.
     title
         Write panel titles with the mean tissue-mask Dice with the reference section.
-    show
-        Call :func:`matplotlib.pyplot.show`. Default: only when not saving.
-    save
-        Write the figure to this path (format from the suffix).
+    {show_save}
+    ax
+        Two axes (before, after), or one axes whose cell of its figure's grid is split in
+        two.
 
     Returns
     -------
-    The figure; ``fig.axes[0]`` is "before", ``fig.axes[1]`` "after".
+    The figure with ``show=False`` or ``return_fig=True``, else ``None``;
+    ``fig.axes[0]`` is "before", ``fig.axes[1]`` "after".
 
     Raises
     ------
     KeyError
-        The data has not been registered with this ``key_added``.
+        The data has not been registered with this ``key``.
     InvalidStackError
         A section to draw has no image.
     """
-    import matplotlib.pyplot as plt
     from matplotlib.colors import to_rgb
     from matplotlib.lines import Line2D
 
-    obsm_key, uns_key = registration_key(key_added)
+    obsm_key, uns_key = registration_key(key)
     stack = resolve_stack(data, library_key=library_key, sections=sections)
     table = stack.table
     if uns_key not in table.uns or obsm_key not in table.obsm:
         raise KeyError(
             f"No registration under uns[{uns_key!r}] / obsm[{obsm_key!r}]. Run "
-            f"asign_sc.tl.register_sections(data, key_added={key_added!r}) first."
+            f"asign_sc.tl.register_sections(data, key_added={key!r}) first, or pass key=."
         )
     record = table.uns[uns_key]
     matrices = {str(k): np.asarray(v, dtype=float) for k, v in record["matrices"].items()}
@@ -123,19 +131,19 @@ def registration(
     colors = [np.asarray(to_rgb(c)) for c in colors[: len(names)]]
     layers = {name: _layer(stack, name, max_side) for name in names}
 
-    fig, axes = plt.subplots(1, 2, figsize=figsize or (10, 5), dpi=dpi)
+    fig, axes = panel_axes(ax, 2, figsize=figsize or (10, 5.4), dpi=dpi)
     identity = {name: np.eye(3) for name in names}
     panels = (
         (axes[0], identity, Key.obsm.spatial, "before: own frames"),
         (axes[1], matrices, obsm_key, f"after: aligned to {_reference(record)}"),
     )
-    for ax, transforms, spots_key, label in panels:
+    for panel, transforms, spots_key, label in panels:
         extent = _extent(layers, transforms)
         rgb, masks, frame = _composite(layers, transforms, colors, extent, max_side, alpha)
-        ax.imshow(rgb, extent=frame, interpolation="bilinear")
+        panel.imshow(rgb, extent=frame, interpolation="bilinear")
         for mask, color in zip(masks, colors, strict=True):
             if mask.any():
-                ax.contour(
+                panel.contour(
                     mask.astype(float),
                     levels=[0.5],
                     colors=[color],
@@ -147,31 +155,23 @@ def registration(
             xy = np.asarray(table.obsm[spots_key], dtype=float)
             for name, color in zip(names, colors, strict=True):
                 rows = stack[name].rows
-                ax.scatter(xy[rows, 0], xy[rows, 1], s=spot_size, color=color, linewidths=0)
-        ax.set_xlim(extent[0], extent[2])
-        ax.set_ylim(extent[3], extent[1])
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
+                panel.scatter(xy[rows, 0], xy[rows, 1], s=spot_size, color=color, linewidths=0)
+        panel.set_xlim(extent[0], extent[2])
+        panel.set_ylim(extent[3], extent[1])
+        panel.set_aspect("equal")
+        panel.set_xticks([])
+        panel.set_yticks([])
         if title:
-            ax.set_title(_title(record, label, before=transforms is identity), fontsize=9)
+            panel.set_title(_title(record, label, before=transforms is identity), fontsize=9)
     handles = [
-        Line2D([], [], marker="s", linestyle="", color=color, label=name)
+        Line2D([], [], color=color, lw=2, label=name)
         for name, color in zip(names, colors, strict=True)
     ]
-    axes[1].legend(handles=handles, loc="upper right", fontsize=7, frameon=False)
-    fig.tight_layout()
-    if save is not None:
-        fig.savefig(save, dpi=dpi)
-    if show or (show is None and save is None and _interactive()):
-        plt.show()
-    return fig
-
-
-def _interactive() -> bool:
-    import matplotlib
-
-    return matplotlib.get_backend().lower() not in {"agg", "pdf", "svg", "ps", "cairo", "template"}
+    fig.legend(
+        handles=handles, loc="outside lower center", ncols=min(len(names), 8), frameon=False,
+        fontsize="small",
+    )  # fmt: skip
+    return finish(fig, show=show, save=save, return_fig=return_fig, dpi=dpi)
 
 
 def _default_palette(n: int) -> list:
@@ -249,16 +249,17 @@ def _composite(
     max_side: int,
     alpha: float,
 ) -> tuple[np.ndarray, list[np.ndarray], tuple[float, float, float, float]]:
-    """Tissue in the mean colour of the sections covering each pixel, shaded by the stain.
+    """Grey stain shading under light colour tints, one per section, composited in order.
 
-    Where all sections overlap, their colours average to a neutral tone; tissue covered by
-    one section only keeps that section's colour, so misregistration shows as coloured
-    fringes. Opacity grows with the number of sections covering a pixel.
+    Each section's tint covers its tissue with opacity ``alpha`` (alpha compositing, so
+    overlaps stay light and keep both hues rather than averaging to brown); the stain,
+    averaged over the sections covering a pixel, darkens the result a little so tissue
+    structure stays visible. Outlines are drawn by the caller from the returned masks.
     """
     span = extent[2:] - extent[:2]
     d = max_side / span.max()
     shape = (max(1, round(span[1] * d)), max(1, round(span[0] * d)))
-    colour_sum = np.zeros((*shape, 3))
+    canvas = np.ones((*shape, 3))
     stain_sum = np.zeros(shape)
     count = np.zeros(shape)
     masks = []
@@ -271,15 +272,12 @@ def _composite(
         stain = warp_to(
             layer.channel, transforms[name], layer.scale, (d, d), shape, order=1, **kwargs
         )
-        colour_sum += mask[..., None] * color[None, None, :]
+        tint = alpha * mask[..., None]
+        canvas = canvas * (1.0 - tint) + tint * color[None, None, :]
         stain_sum += mask * np.clip(stain, 0.0, 1.0)
         count += mask
         masks.append(mask)
-    covered = count > 0
-    safe = np.maximum(count, 1)
-    mean_colour = colour_sum / safe[..., None]
-    shade = 1.0 - 0.6 * (stain_sum / safe)
-    opacity = np.where(covered, alpha + (1.0 - alpha) * count / max(len(layers), 1), 0.0)
-    canvas = (1.0 - opacity[..., None]) + opacity[..., None] * mean_colour * shade[..., None]
+    shade = 1.0 - 0.35 * stain_sum / np.maximum(count, 1)
+    canvas = canvas * shade[..., None]
     frame = (extent[0], extent[0] + shape[1] / d, extent[1] + shape[0] / d, extent[1])
     return np.clip(canvas, 0.0, 1.0), masks, frame

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from asign_sc._docs import doc_params
 from asign_sc._keys import Key
 from asign_sc._stack import Section, SectionStack, resolve_stack
-from asign_sc.pl._common import finish, imputed_values, measured_values
+from asign_sc.pl._common import PLOT_DOCS, finish, imputed_values, measured_values
 from asign_sc.pp._expression import DEFAULT_TARGET_SUM
 
 if TYPE_CHECKING:
@@ -26,16 +27,19 @@ __all__ = ["sections"]
 logger = logging.getLogger(__name__)
 
 
+@doc_params(**PLOT_DOCS)
 def sections(
     data: AnnData | SpatialData,
     color: str,
     *,
-    layer: str | None = None,
     key: str = Key.layers.imputed,
     sections: Sequence[str] | None = None,
     compare: Literal["truth"] | None = "truth",
+    coordinate_system: Literal["section", "aligned"] = "section",
+    registration_key: str = Key.sdata.aligned,
     img: bool = True,
     crop: bool = True,
+    scalebar: bool = True,
     library_key: str = Key.obs.library,
     spatial_key: str = Key.obsm.spatial,
     counts_layer: str | None = None,
@@ -51,15 +55,18 @@ def sections(
     dpi: float | None = None,
     show: bool | None = None,
     save: str | Path | None = None,
+    return_fig: bool = False,
     ax: Axes | Sequence[Axes] | None = None,
-) -> Figure:
+) -> Figure | None:
     """Expression of one gene on every section, over its H&E, measured beside imputed.
 
     One column per section. With ``compare="truth"`` the top row is the measured expression
     and the bottom row the imputed one (a section without counts gets an empty "not
-    measured" panel); otherwise one row of imputed panels. All panels share one colour
-    scale, so a colour means the same expression everywhere. Spots are drawn as discs of
-    their true radius, by :func:`squidpy.pl.spatial_scatter` (same look and arguments).
+    measured" panel); otherwise one row with the imputation, which on the known sections
+    holds their measured values (except ``method="network"``; the titles say which). All
+    panels share one colour scale, so a colour means the same expression everywhere, and
+    one size, so the sections compare at a glance. Spots are drawn as discs of their true
+    radius, by :func:`squidpy.pl.spatial_scatter` (same look and arguments).
 
     Parameters
     ----------
@@ -67,28 +74,37 @@ def sections(
         The stack holding an imputation (:func:`asign_sc.tl.impute`).
     color
         Gene to show (a ``var_name`` that was imputed).
-    layer
-        Read imputed values from ``layers[layer]`` (e.g. ``"asign"``); default
-        ``obsm[key]``.
     key
-        ``key_added`` of the imputation: ``obsm[key]`` and its parameters ``uns[key]``.
+        ``key_added`` of the imputation: its values ``obsm[key]`` and parameters ``uns[key]``.
     sections
         Sections to show, in order. Default: all, in stacking order.
     compare
         ``"truth"``: add the measured expression, ``log1p`` counts per ``target_sum`` of
-        the imputation (its scale). ``None``: imputed only.
+        the imputation (its scale). ``None``: the imputation only.
+    coordinate_system
+        ``"section"``: each section as it lies on its slide (its own pixel frame).
+        ``"aligned"``: every section in the registered frame of
+        :func:`asign_sc.tl.register_sections` (its image warped by the stored affine matrix,
+        its spots at ``obsm['spatial_aligned']``), all panels with the same extent, so
+        the same place of the tissue is at the same place in every panel.
+    registration_key
+        ``key_added`` of the registration used with ``coordinate_system="aligned"``.
     img
         Draw each section's H&E below its spots.
+    crop
+        Zoom each panel to its section's spots (``"aligned"``: to all sections' spots),
+        with a margin of one spot diameter (as :func:`squidpy.pl.spatial_scatter`'s
+        ``crop_coord``); ``False`` shows the whole slide.
+    scalebar
+        Draw a scale bar in µm in each panel when the pixel size is known
+        (``uns['asign_stack']['microns_per_pixel']``, written by the readers; in the
+        aligned frame, the reference section's).
     library_key
         ``obs`` column naming each spot's section.
     spatial_key
         ``obsm`` key of spot centres in each section's image pixels (legacy AnnData).
     counts_layer
         Layer of raw counts for the measured panels; default the imputation's, else ``X``.
-    crop
-        Zoom each panel to its section's spots, with a margin of one spot diameter (as
-        :func:`squidpy.pl.spatial_scatter`'s ``crop_coord``); ``False`` shows the whole
-        slide.
     max_side
         Long side in pixels of the H&E level read (the coarsest stored level at least this
         large).
@@ -103,28 +119,30 @@ def sections(
         Sections per row of panels; default all in one row.
     figsize, dpi
         Figure size in inches (default: 3 per panel) and resolution.
-    show
-        Call :func:`matplotlib.pyplot.show`. Default: only when not saving.
-    save
-        Write the figure to this path.
+    {show_save}
     ax
         Axes to draw into, one per panel (row by row); a new figure if ``None``.
 
     Returns
     -------
-    The figure. Panel titles name the section and what is shown.
+    The figure with ``show=False`` or ``return_fig=True``, else ``None``. Panel titles
+    name the section and what is shown.
 
     Raises
     ------
     KeyError
-        ``color`` was not imputed, or ``layer`` / ``obsm[key]`` is missing.
+        ``color`` was not imputed, ``obsm[key]`` is missing, or (``"aligned"``) the stack
+        has no registration under ``registration_key``.
     """
-    import matplotlib.pyplot as plt
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
     if compare not in ("truth", None):
         raise ValueError(f"compare must be 'truth' or None, got {compare!r}.")
+    if coordinate_system not in ("section", "aligned"):
+        raise ValueError(
+            f"coordinate_system must be 'section' or 'aligned', got {coordinate_system!r}."
+        )
     stack = resolve_stack(
         data,
         library_key=library_key,
@@ -134,15 +152,17 @@ def sections(
     )
     table = stack.table
     record = table.uns.get(Key.uns.params(key), {}).get("impute", {})
-    imputed = imputed_values(table, color, layer=layer, key=key)
+    imputed = imputed_values(table, color, key=key)
     known = {str(s) for s in np.atleast_1d(record.get("known_sections", []))}
+    measured_input = record.get("method") != "network"  # known spots keep their counts
     names = stack.names
     rows_of = {"imputed": imputed}
     measured_ok: dict[str, bool] = {}
     if compare == "truth":
-        layer_counts = counts_layer if counts_layer is not None else _none(record.get("layer"))
+        if counts_layer is None:
+            counts_layer = _none(record.get("counts_layer", record.get("layer")))
         target_sum = float(record.get("target_sum", DEFAULT_TARGET_SUM))
-        truth, has = measured_values(table, color, layer=layer_counts, target_sum=target_sum)
+        truth, has = measured_values(table, color, layer=counts_layer, target_sum=target_sum)
         rows_of = {"measured": truth, "imputed": imputed}
         measured_ok = {n: bool(has[stack[n].rows].any()) for n in names}
         if not any(measured_ok.values()):
@@ -161,6 +181,97 @@ def sections(
     n_blocks = -(-len(names) // ncols)
     kinds = list(rows_of)
     nrows = n_blocks * len(kinds)
+    fig, grid = _grid(ax, nrows, ncols, figsize=figsize, dpi=dpi)
+
+    if coordinate_system == "aligned":
+        adata, boxes = _aligned_table(
+            stack, rows_of, registration_key=registration_key, max_side=max_side, img=img,
+            crop=crop,
+        )  # fmt: skip
+    else:
+        adata = _panel_table(stack, rows_of, max_side=max_side, img=img)
+        boxes = {n: _spot_box(stack[n]) if crop else _slide_box(stack[n]) for n in names}
+        boxes = _same_aspect(boxes)
+    for i, name in enumerate(names):
+        block, col = divmod(i, ncols)
+        for k, kind in enumerate(kinds):
+            panel = grid[block * len(kinds) + k, col]
+            if kind == "measured" and not measured_ok.get(name, False):
+                _empty(panel, f"{name}: not measured")
+                continue
+            factors = adata.uns["spatial"][name][Key.legacy.scalefactors]
+            scalef = factors[Key.legacy.hires_scalef]
+            microns = factors.get(_MICRONS)
+            _scatter(
+                adata,
+                kind,
+                name,
+                library_key=library_key,
+                ax=panel,
+                img=img,
+                size=size,
+                cmap=cmap,
+                norm=norm,
+                img_alpha=img_alpha,
+                alpha=alpha,
+                title=_title(name, kind, known=name in known, compare=compare,
+                             measured_input=measured_input),
+                **({"scalebar_dx": microns / scalef, "scalebar_units": "um",
+                    "scalebar_kwargs": _SCALEBAR} if scalebar and microns else {}),
+            )  # fmt: skip
+            x0, y0, x1, y1 = (v * scalef for v in boxes[name])
+            panel.set_xlim(x0, x1)
+            panel.set_ylim(y1, y0)
+            panel.set_aspect("equal")
+    for panel in grid.ravel()[len(names) * len(kinds) :]:
+        if not panel.has_data() and not panel.images:
+            panel.set_axis_off()
+    if ax is None:
+        for i in range(len(names), n_blocks * ncols):
+            block, col = divmod(i, ncols)
+            for k in range(len(kinds)):
+                grid[block * len(kinds) + k, col].set_axis_off()
+    if compare == "truth":
+        scale = "measured / imputed"
+    elif known and measured_input:
+        scale = "imputed; known: measured"
+    else:
+        scale = "imputed"
+    fig.colorbar(
+        ScalarMappable(norm=norm, cmap=cmap),
+        ax=list(grid.ravel()),
+        shrink=0.6,
+        label=f"{color}\nlog1p counts per {_short(record.get('target_sum', DEFAULT_TARGET_SUM))}"
+        f"\n({scale})",
+    )
+    return finish(fig, show=show, save=save, return_fig=return_fig, dpi=dpi)
+
+
+#: ``scalefactors`` entry (ours, beside squidpy's) with the pixel size of a panel's frame.
+_MICRONS = "microns_per_pixel"
+_SCALEBAR = {"location": "lower right", "frameon": False, "font_properties": {"size": "small"}}
+
+
+def _title(name: str, kind: str, *, known: bool, compare: str | None, measured_input: bool) -> str:
+    if kind == "measured":
+        return f"{name}: measured"
+    if not known:
+        return f"{name}: imputed"
+    if not measured_input:
+        return f"{name}: predicted (known)"
+    return f"{name}: input (known)" if compare == "truth" else f"{name}: measured (known)"
+
+
+def _grid(
+    ax: Axes | Sequence[Axes] | None,
+    nrows: int,
+    ncols: int,
+    *,
+    figsize: tuple[float, float] | None,
+    dpi: float | None,
+) -> tuple[Figure, np.ndarray]:
+    import matplotlib.pyplot as plt
+
     if ax is None:
         fig, grid = plt.subplots(
             nrows,
@@ -170,62 +281,15 @@ def sections(
             squeeze=False,
             layout="constrained",
         )
-    else:
-        axes = [ax] if not isinstance(ax, Sequence | np.ndarray) else list(np.ravel(ax))
-        if len(axes) != nrows * ncols:
-            raise ValueError(
-                f"ax has {len(axes)} axes but {nrows * ncols} panels are needed "
-                f"({nrows} rows x {ncols} columns)."
-            )
-        grid = np.asarray(axes, dtype=object).reshape(nrows, ncols)
-        fig = grid[0, 0].figure
-
-    adata = _panel_table(stack, rows_of, max_side=max_side, img=img)
-    for i, name in enumerate(names):
-        block, col = divmod(i, ncols)
-        for k, kind in enumerate(kinds):
-            panel = grid[block * len(kinds) + k, col]
-            tag = " (known)" if name in known else ""
-            if kind == "imputed" and name in known and compare == "truth":
-                title = f"{name}: input (known)"
-            else:
-                title = f"{name}: {kind}{tag}"
-            if kind == "measured" and not measured_ok.get(name, False):
-                _empty(panel, f"{name}: not measured")
-                continue
-            _scatter(
-                adata,
-                kind,
-                name,
-                library_key=library_key,
-                ax=panel,
-                crop_coord=_spot_box(stack[name]) if crop else None,
-                img=img,
-                size=size,
-                cmap=cmap,
-                norm=norm,
-                img_alpha=img_alpha,
-                alpha=alpha,
-                title=title,
-            )
-    for panel in grid.ravel()[len(names) * len(kinds) :]:
-        if not panel.has_data() and not panel.images:
-            panel.set_axis_off()
-    if ax is None:
-        for i in range(len(names), n_blocks * ncols):
-            block, col = divmod(i, ncols)
-            for k in range(len(kinds)):
-                grid[block * len(kinds) + k, col].set_axis_off()
-    scale = "imputed" if compare is None else "measured / imputed"
-    fig.colorbar(
-        ScalarMappable(norm=norm, cmap=cmap),
-        ax=list(grid.ravel()),
-        shrink=0.6,
-        label=f"{color}\nlog1p counts per {_short(record.get('target_sum', DEFAULT_TARGET_SUM))}"
-        f" ({scale})",
-    )
-    finish(fig, show=show, save=save, dpi=dpi)
-    return fig
+        return fig, grid
+    axes = [ax] if not isinstance(ax, Sequence | np.ndarray) else list(np.ravel(ax))
+    if len(axes) != nrows * ncols:
+        raise ValueError(
+            f"ax has {len(axes)} axes but {nrows * ncols} panels are needed "
+            f"({nrows} rows x {ncols} columns)."
+        )
+    grid = np.asarray(axes, dtype=object).reshape(nrows, ncols)
+    return grid[0, 0].figure, grid
 
 
 def _limit(value: float | str | None, shown: np.ndarray, *, default: float) -> float:
@@ -249,6 +313,113 @@ def _spot_box(section: Section) -> tuple[float, float, float, float]:
     lo = section.spatial.min(axis=0) - margin
     hi = section.spatial.max(axis=0) + margin
     return (max(float(lo[0]), 0.0), max(float(lo[1]), 0.0), float(hi[0]), float(hi[1]))
+
+
+def _slide_box(section: Section) -> tuple[float, float, float, float]:
+    """``(x0, y0, x1, y1)`` of the whole slide image (the spots' box without an image)."""
+    if not section.has_image:
+        return _spot_box(section)
+    h, w = section.image_shape
+    return (0.0, 0.0, w / section.image_scale, h / section.image_scale)
+
+
+def _same_aspect(
+    boxes: dict[str, tuple[float, float, float, float]],
+) -> dict[str, tuple[float, float, float, float]]:
+    """Widen or heighten boxes about their centres to one width/height ratio (equal panels)."""
+    ratio = max((x1 - x0) / max(y1 - y0, 1e-9) for x0, y0, x1, y1 in boxes.values())
+    out = {}
+    for name, (x0, y0, x1, y1) in boxes.items():
+        w, h = x1 - x0, y1 - y0
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        w, h = max(w, h * ratio), max(h, w / ratio)
+        out[name] = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+    return out
+
+
+def _microns(table: AnnData, name: str) -> float | None:
+    """Pixel size of a section's own frame, as the readers record it, or ``None``."""
+    record = table.uns.get(Key.uns.stack, {})
+    value = record.get(_MICRONS, {}).get(name) if isinstance(record, dict) else None
+    return float(value) if value is not None and np.isfinite(float(value)) else None
+
+
+def _aligned_table(
+    stack: SectionStack,
+    values: dict[str, np.ndarray],
+    *,
+    registration_key: str,
+    max_side: int,
+    img: bool,
+    crop: bool,
+) -> tuple[AnnData, dict[str, tuple[float, float, float, float]]]:
+    """Like :func:`_panel_table`, in the registered frame: images warped, spots aligned.
+
+    Every section's image is resampled onto one grid over the common extent (``max_side``
+    pixels on its long side) with the stored affine matrix; spots sit at
+    ``obsm['spatial_aligned']`` (which includes any non-linear part of the registration).
+    Coordinates are shifted so that the extent starts at the origin, as squidpy expects.
+    """
+    from asign_sc.tl._registration import registration_key as keys_of
+    from asign_sc.tl._registration_init import warp_to
+
+    table = stack.table
+    obsm_key, uns_key = keys_of(registration_key)
+    if uns_key not in table.uns or obsm_key not in table.obsm:
+        raise KeyError(
+            f"coordinate_system='aligned' needs a registration: uns[{uns_key!r}] / "
+            f"obsm[{obsm_key!r}] are missing. Run asign_sc.tl.register_sections(data, "
+            f"key_added={registration_key!r}) first, or use coordinate_system='section'."
+        )
+    record = table.uns[uns_key]
+    matrices = {str(k): np.asarray(v, dtype=float) for k, v in record["matrices"].items()}
+    missing = [n for n in stack.names if n not in matrices]
+    if missing:
+        raise KeyError(
+            f"Sections {missing} have no matrix in uns[{uns_key!r}]['matrices']; register "
+            "them or leave them out with sections=."
+        )
+    aligned = np.asarray(table.obsm[obsm_key], dtype=float)[:, :2]
+    if crop:
+        corners = [
+            np.r_[aligned[s.rows] - 3 * s.spot_radius, aligned[s.rows] + 3 * s.spot_radius]
+            for s in stack.sections
+        ]
+    else:
+        corners = []
+        for s in stack.sections:
+            x0, y0, x1, y1 = _slide_box(s)
+            box = np.array([[x0, y0, 1], [x1, y0, 1], [x0, y1, 1], [x1, y1, 1]])
+            corners.append((box @ matrices[s.name].T)[:, :2])
+    points = np.vstack(corners)
+    origin, end = points.min(axis=0), points.max(axis=0)
+    span = end - origin
+    d = max_side / max(float(span.max()), 1e-9)
+    shape = (max(1, round(span[1] * d)), max(1, round(span[0] * d)))
+    reference = record.get("reference", "")
+
+    adata = _panel_table(stack, values, max_side=max_side, img=False)
+    for section in stack.sections:
+        matrix = matrices[section.name]
+        stretch = float(np.sqrt(abs(np.linalg.det(matrix[:2, :2]))))
+        ref = reference.get(section.sample, "") if isinstance(reference, dict) else reference
+        entry = adata.uns["spatial"][section.name]
+        factors = entry[Key.legacy.scalefactors]
+        factors[Key.legacy.spot_diameter] = 2.0 * section.spot_radius * stretch
+        factors[Key.legacy.hires_scalef] = d
+        factors[_MICRONS] = _microns(table, str(ref))
+        if img and section.has_image:
+            image, scale = stack.image(section.name, max_side=max_side)
+            kwargs = {"dst_offset": origin}
+            warped = warp_to(image, matrix, scale, (d, d), shape, order=1, **kwargs)
+            inside = warp_to(np.ones(image.shape[:2]), matrix, scale, (d, d), shape, order=0,
+                             **kwargs) > 0.5  # fmt: skip
+            warped[~inside] = 255.0  # white outside the slide, as the paper around it
+            entry[Key.legacy.images] = {Key.legacy.hires: np.clip(warped, 0, 255).astype(np.uint8)}
+    rows = np.concatenate([s.rows for s in stack.sections])
+    adata.obsm["spatial"] = aligned[rows] - origin
+    box = (0.0, 0.0, float(span[0]), float(span[1]))
+    return adata, dict.fromkeys(stack.names, box)
 
 
 def _none(value: object) -> object:
@@ -288,6 +459,7 @@ def _panel_table(
             Key.legacy.scalefactors: {
                 Key.legacy.spot_diameter: 2.0 * section.spot_radius,
                 Key.legacy.hires_scalef: 1.0,
+                _MICRONS: _microns(stack.table, section.name),
             }
         }
         if img and section.has_image:
@@ -295,8 +467,7 @@ def _panel_table(
             entry[Key.legacy.images] = {Key.legacy.hires: image}
             entry[Key.legacy.scalefactors][Key.legacy.hires_scalef] = scale
         uns[section.name] = entry
-    adata = AnnData(obs=obs, obsm={"spatial": np.vstack(spatial)}, uns={"spatial": uns})
-    return adata
+    return AnnData(obs=obs, obsm={"spatial": np.vstack(spatial)}, uns={"spatial": uns})
 
 
 def _uniform(image: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, float]:

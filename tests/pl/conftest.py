@@ -21,11 +21,12 @@ TOLERANCE = 8.0
 
 
 def _imputed_stack(method: str = "overlap", known: str = "S2"):
-    """Synthetic 3-section stack, aligned by the true maps, imputed from one section."""
+    """Synthetic 3-section stack, registered by the true maps, imputed from one section."""
     sdata, truth = asc.datasets.synthetic_stack(
         n_sections=3, n_spots_per_section=60, image_size=256, n_genes=20
     )
-    sdata.tables["table"].obsm["spatial_aligned"] = np.asarray(truth.tissue_xy)
+    asc.tl.register_sections(sdata, matrices=truth.transforms)
+    np.testing.assert_allclose(sdata.tables["table"].obsm["spatial_aligned"], truth.tissue_xy)
     asc.gr.build_3d_graph(sdata)
     asc.tl.impute(sdata, method=method, known_sections=[known], n_top_genes=15)
     return sdata
@@ -54,3 +55,11 @@ def imputed_stack():
 def check_image():
     """``check_image(fig, name, tmp_path, dpi)``: compare with ``baseline/<name>``."""
     return _check_image
+
+
+@pytest.fixture(scope="session")
+def evaluated_stack():
+    """The imputed stack, evaluated on S1 and S3 against the mean and propagation baselines."""
+    data = _imputed_stack()
+    asc.tl.evaluate(data, sections=["S1", "S3"], baselines=("mean", "propagation"))
+    return data

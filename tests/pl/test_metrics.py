@@ -13,10 +13,8 @@ import asign_sc as asc
 
 
 @pytest.fixture(scope="module")
-def sdata(imputed_stack):
-    data = imputed_stack()
-    asc.tl.evaluate(data, sections=["S1", "S3"], baselines=("mean", "propagation"))
-    return data
+def sdata(evaluated_stack):
+    return evaluated_stack
 
 
 def test_metrics_matches_reference_image(sdata, tmp_path, check_image):
@@ -27,15 +25,32 @@ def test_metrics_matches_reference_image(sdata, tmp_path, check_image):
 def test_panels_show_per_gene_pcc_of_the_evaluation(sdata):
     var = sdata.tables["table"].var
     fig = asc.pl.metrics(sdata, n_genes=3, show=False)
-    assert len(fig.axes) == 4  # two baselines + distribution + best/worst
+    # the mean profile's per-gene PCC is the same for every gene: no scatter for it
+    mean = var["asign_eval_pcc_mean"].dropna()
+    assert mean.nunique() <= 1
+    assert len(fig.axes) == 3  # propagation scatter + distribution + best/worst
     method, baseline = var["asign_eval_pcc_asign"], var["asign_eval_pcc_propagation"]
     scored = method.notna()
     share = (method[scored] > baseline[scored]).mean()
-    assert fig.axes[1].get_title() == f"vs propagation: better on {share:.0%}"
+    scatter = fig.axes[0]
+    assert scatter.get_title() == f"vs propagation: better on {share:.0%}"
+    # the colours of the points are named in a legend
+    assert [t.get_text() for t in scatter.get_legend().get_texts()] == ["better", "not better"]
+    assert [t.get_text() for t in fig.axes[1].get_yticklabels()] == ["asign", "mean", "propagation"]
     bars = fig.axes[-1]
     labels = [t.get_text() for t in bars.get_yticklabels()]
     ranked = method[scored].sort_values(ascending=False)
     assert labels == [*ranked.index[:3], *ranked.index[-3:]]
+    assert all(t.get_fontsize() >= 8 for t in bars.get_yticklabels())  # readable gene names
+    plt.close(fig)
+
+
+def test_draws_into_given_axes(sdata):
+    fig, axes = plt.subplots(1, 3)
+    assert asc.pl.metrics(sdata, ax=axes, show=False) is fig
+    assert all(ax.has_data() for ax in axes)
+    with pytest.raises(ValueError, match="ax has 2 axes but this figure has 3"):
+        asc.pl.metrics(sdata, ax=axes[:2], show=False)
     plt.close(fig)
 
 

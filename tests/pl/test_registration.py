@@ -109,3 +109,33 @@ def test_unregistered_data_is_refused():
 def test_short_palette_is_refused():
     with pytest.raises(ValueError, match="palette has 1 colours for 3 sections"):
         registration(_stack(), palette=["red"], show=False)
+
+
+def test_one_legend_names_every_section_and_outlines_keep_their_hues():
+    from matplotlib.colors import to_hex
+    from matplotlib.contour import ContourSet
+
+    fig = registration(_stack(), max_side=120, show=False)
+    assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in fig.axes)
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["P1", "P2", "P3"]
+    hues = [to_hex(h.get_color()) for h in legend.legend_handles]
+    for ax in fig.axes:  # each panel outlines each section in its legend colour
+        outlines = [to_hex(c.get_edgecolor()[0]) for c in ax.collections
+                    if isinstance(c, ContourSet)]  # fmt: skip
+        assert sorted(set(outlines)) == sorted(hues)
+    # where the three sections overlap the tint stays light (no brown): bright pixels
+    rgb = fig.axes[1].images[0].get_array()
+    tissue = rgb.min(axis=-1) < 0.99
+    assert np.median(rgb[tissue].mean(axis=-1)) > 0.55
+    plt.close(fig)
+
+
+def test_given_axes_and_key():
+    adata = _stack()
+    fig, axes = plt.subplots(1, 2)
+    assert registration(adata, ax=axes, max_side=60, show=False) is fig
+    assert all(ax.images for ax in axes)
+    plt.close(fig)
+    with pytest.raises(KeyError, match=r"key_added='other'"):
+        registration(adata, key="other", show=False)
