@@ -15,6 +15,7 @@ from asign_sc.models._losses import LossWeights
 __all__ = ["ArchitectureConfig", "TrainingConfig"]
 
 Optimizer = Literal["adamw", "sgd"]
+Validation = Literal["random", "blocked"]
 Standardize = Literal["section"] | None
 
 
@@ -131,6 +132,15 @@ class TrainingConfig(_Config):
         epoch (paper: 20% of labels known, so 0.8).
     validation_fraction
         Share of the known spots held out for early stopping (0 disables validation).
+    validation
+        How the held-out spots are drawn: ``"random"`` spots of the known sections, each
+        surrounded by training spots, so early stopping measures interpolation within a
+        section; or ``"blocked"``: a few contiguous patches of each known section, with a
+        ring of ``validation_buffer`` spot pitches around them left out of training, so the
+        held-out spots see no training spot nearby, as the spots of another section do not.
+    validation_buffer
+        Width of the ring left out around blocked validation patches, in spot pitches
+        (median distance of a spot to its nearest neighbour).
     early_stopping
         Stop when the validation loss (its exponential moving average) has not improved for
         ``patience`` epochs, and keep the best weights.
@@ -155,6 +165,8 @@ class TrainingConfig(_Config):
     optimizer: Optimizer = "adamw"
     mask_fraction: float = 0.8
     validation_fraction: float = 0.2
+    validation: Validation = "random"
+    validation_buffer: float = 1.0
     early_stopping: bool = True
     patience: int = 30
     loss_weights: LossWeights = field(default_factory=LossWeights)
@@ -175,6 +187,10 @@ class TrainingConfig(_Config):
             )
         _check_fraction("mask_fraction", self.mask_fraction, closed_low=False)
         _check_fraction("validation_fraction", self.validation_fraction, closed_low=True)
+        if self.validation not in ("random", "blocked"):
+            raise ValueError(f"validation must be 'random' or 'blocked', got {self.validation!r}.")
+        if not self.validation_buffer >= 0:
+            raise ValueError(f"validation_buffer must be >= 0, got {self.validation_buffer!r}.")
         _check_bool("early_stopping", self.early_stopping)
         _check_positive_int("patience", self.patience)
         for name in ("lr", "region_size", "global_size"):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
 from asign_sc._errors import InvalidStackError
@@ -34,22 +35,65 @@ VAL_SMOOTHING = 0.8
 
 
 def split_validation(
-    n_known: int, fraction: float, early_stopping: bool, rng: np.random.Generator
+    n_known: int,
+    fraction: float,
+    early_stopping: bool,
+    rng: np.random.Generator,
+    *,
+    coords: np.ndarray | None = None,
+    buffer: float = 1.0,
+    n_blocks: int = 4,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (into the known rows) of the validation spots and of the training pool."""
-    order = rng.permutation(n_known)
+    """Positions (into the known rows) of the validation spots and of the training pool.
+
+    Without ``coords`` the validation spots are drawn at random. With ``coords`` (one frame
+    per section, sections far apart) they form ``n_blocks`` contiguous patches: each grows
+    from a random spot to its nearest unassigned spots; spots within ``buffer`` pitches of a
+    patch are left out of both sets.
+    """
     n_val = round(fraction * n_known)
     if early_stopping and n_val == 0:
         raise ValueError(
             "early_stopping=True needs held-out spots: set validation_fraction > 0 (and enough "
             "known spots), or early_stopping=False."
         )
-    if n_known - n_val < 4:
+    if coords is None or n_val == 0:
+        order = rng.permutation(n_known)
+        val, pool = np.sort(order[:n_val]), np.sort(order[n_val:])
+    else:
+        val, pool = _blocked_split(coords, n_val, rng, buffer=buffer, n_blocks=n_blocks)
+    if len(pool) < 4:
         raise InvalidStackError(
-            f"Only {n_known} known spots ({n_val} held out for validation): at least 4 are "
-            "needed to train. Use more known spots or a smaller validation_fraction."
+            f"Only {n_known} known spots ({len(val)} held out for validation, "
+            f"{n_known - len(val) - len(pool)} in the buffer): at least 4 are needed to train. "
+            "Use more known spots or a smaller validation_fraction."
         )
-    return np.sort(order[:n_val]), np.sort(order[n_val:])
+    return val, pool
+
+
+def _blocked_split(
+    coords: np.ndarray, n_val: int, rng: np.random.Generator, *, buffer: float, n_blocks: int
+) -> tuple[np.ndarray, np.ndarray]:
+    tree = cKDTree(coords)
+    nearest, _ = tree.query(coords, k=2)
+    pitch = float(np.median(nearest[:, 1])) if len(coords) > 1 else 1.0
+    assigned = np.zeros(len(coords), dtype=bool)
+    block = int(np.ceil(n_val / n_blocks))
+    validation: list[int] = []
+    while len(validation) < n_val and not assigned.all():
+        centre = rng.choice(np.flatnonzero(~assigned))
+        size = min(block, n_val - len(validation))
+        _, order = tree.query(coords[centre], k=min(len(coords), size + int(assigned.sum())))
+        members = [i for i in np.atleast_1d(order) if not assigned[i]][:size]
+        assigned[members] = True
+        validation.extend(int(i) for i in members)
+    val = np.sort(np.asarray(validation, dtype=int))
+    ring = np.zeros(len(coords), dtype=bool)
+    for near in tree.query_ball_point(coords[val], r=buffer * pitch + 1e-9 * pitch):
+        ring[near] = True
+    ring[val] = False
+    pool = np.flatnonzero(~ring & ~np.isin(np.arange(len(coords)), val))
+    return val, pool
 
 
 class TrainingPlan:
@@ -245,6 +289,7 @@ def fit_ensemble(
     pool_targets: Callable[[np.ndarray], Mapping[str, np.ndarray]],
     seed: int,
     device: torch.device,
+    coords: np.ndarray | None = None,
     show_progress_bar: bool = True,
 ) -> EnsembleFit:
     """Train every member of an ensemble with its own seed, held-out spots and masks.
@@ -270,6 +315,9 @@ def fit_ensemble(
         Member ``k`` uses ``seed + k`` for its initialisation, split and masks.
     device
         Where to train.
+    coords
+        ``(len(rows), 2)`` spot centres of the known spots, each section in its own region of
+        the plane; needed for ``config.validation="blocked"``.
     show_progress_bar
         Show a progress bar per member.
 
@@ -284,7 +332,12 @@ def fit_ensemble(
         rng = np.random.default_rng(member_seed)
         torch.manual_seed(member_seed)
         val_pos, pool_pos = split_validation(
-            len(rows), config.validation_fraction, config.early_stopping, rng
+            len(rows),
+            config.validation_fraction,
+            config.early_stopping,
+            rng,
+            coords=coords if config.validation == "blocked" else None,
+            buffer=config.validation_buffer,
         )
         plan = TrainingPlan(
             member,

@@ -166,6 +166,7 @@ def fit_asign(
         pool_targets=lambda pool: targets(pool, windows),
         seed=seed,
         device=dev,
+        coords=_separated_coords(stack)[rows],
         show_progress_bar=show_progress_bar,
     )
     model.net.eval()
@@ -210,6 +211,17 @@ def _known_spots_and_genes(
             library_key=stack.library_key,
         )
     return known_sections, rows, [str(g) for g in genes]
+
+
+def _separated_coords(stack: SectionStack) -> np.ndarray:
+    """Spot centres of every section in its own frame, sections side by side far apart."""
+    coords = np.zeros((stack.table.n_obs, 2))
+    offset = 0.0
+    for section in stack:
+        xy = section.spatial - section.spatial.min(0)
+        coords[section.rows] = xy + np.array([offset, 0.0])
+        offset += float(xy[:, 0].max()) * 2 + 1e6
+    return coords
 
 
 def _record_fit(

@@ -207,6 +207,21 @@ def test_validation_labels_never_reach_training(stack):
     assert a.history["val_loss"].tolist() != b.history["val_loss"].tolist()
 
 
+def test_blocked_validation_holds_out_patches_far_from_training_spots(stack):
+    adata = stack.copy()
+    kw = {**FAST, "epochs": 3, "n_top_genes": 6, "device": "cpu"}
+    training = TrainingConfig(validation="blocked", validation_buffer=1.0)
+    model = fit_asign(adata, known_sections=["S0"], training=training, **kw)
+    (val,) = model.settings["training"]["validation_obs"]
+    assert len(val) == round(0.2 * 144)
+    assert adata.uns["asign"]["fit"]["training"]["validation"] == "blocked"
+    s0 = adata[adata.obs.section == "S0"]
+    xy = s0.obsm["spatial"]
+    is_val = s0.obs_names.isin(val)
+    nearest = cKDTree(xy[is_val]).query(xy[is_val], k=2)[0][:, 1]
+    assert np.median(nearest) < 150  # patches, not scattered spots (pitch 100)
+
+
 def test_early_stopping_keeps_the_best_epoch(stack):
     model = fit_asign(
         stack.copy(),
