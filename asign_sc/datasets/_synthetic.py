@@ -28,6 +28,10 @@ _TISSUE_TYPES = (
     ("gland", (226, 140, 175), 6.0, 2.8, (90, 55, 135)),
 )
 _BACKGROUND = np.array([242.0, 240.0, 244.0])
+#: Image rows rendered at once, and the rows of the final blur (sigma 0.6, truncated at 4
+#: sigma: 2 px) each band reads beyond its edges.
+_BAND = 128
+_BLUR_HALO = 2
 #: ST arrays: spot diameter 100 um at a 200 um pitch.
 _SPOT_PITCH_UM = 200.0
 
@@ -297,8 +301,6 @@ def _render(
     scale = size / 768
     inside, types = _tissue_maps(volume, to_tissue, z, size)
 
-    eosin = np.array([t[1] for t in _TISSUE_TYPES], dtype=float)[types]
-    haem = np.array([t[4] for t in _TISSUE_TYPES], dtype=float)[types]
     # Nuclei: a Poisson process thinned by each type's density, drawn as blurred discs.
     density = np.array([t[2] for t in _TISSUE_TYPES]) / 1000 / scale**2
     candidates = rng.uniform(0, size, size=(rng.poisson(density.max() * size * size), 2))
@@ -312,11 +314,26 @@ def _render(
     # A lone nucleus peaks at ~1 after the blur; overlapping ones saturate.
     nuclei = np.clip(0.9 * ndimage.gaussian_filter(nuclei, sigma=sigma), 0, 1)[..., None]
     texture = ndimage.gaussian_filter(rng.normal(size=(size, size)), sigma=2.5 * scale)
-    texture = 1 + 0.6 * texture[..., None] / (np.abs(texture).max() + 1e-9) * 0.15
-    tissue = (eosin * (1 - nuclei) + haem * nuclei) * texture
-    image = np.where(inside[..., None], tissue, _BACKGROUND)
-    image = ndimage.gaussian_filter(image, sigma=(0.6, 0.6, 0)) + rng.normal(0, 3, image.shape)
-    return np.clip(image, 0, 255).astype(np.uint8)
+    peak = np.abs(texture).max() + 1e-9
+    eosin_rgb = np.array([t[1] for t in _TISSUE_TYPES], dtype=float)
+    haem_rgb = np.array([t[4] for t in _TISSUE_TYPES], dtype=float)
+    # Colour, blur and noise band by band (a few MB each instead of several 200 MB arrays at
+    # 3k px); the blur reads _BLUR_HALO rows beyond each band, so every pixel gets the same
+    # numbers as with the whole image, and the noise is drawn in the same (row) order.
+    image = np.empty((size, size, 3), dtype=np.uint8)
+    for start in range(0, size, _BAND):
+        stop = min(start + _BAND, size)
+        lo, hi = max(start - _BLUR_HALO, 0), min(stop + _BLUR_HALO, size)
+        band_types, band_nuclei = types[lo:hi], nuclei[lo:hi]
+        band_texture = 1 + 0.6 * texture[lo:hi, :, None] / peak * 0.15
+        tissue = (
+            eosin_rgb[band_types] * (1 - band_nuclei) + haem_rgb[band_types] * band_nuclei
+        ) * band_texture
+        band = np.where(inside[lo:hi, :, None], tissue, _BACKGROUND)
+        band = ndimage.gaussian_filter(band, sigma=(0.6, 0.6, 0))[start - lo : stop - lo]
+        band = band + rng.normal(0, 3, band.shape)
+        image[start:stop] = np.clip(band, 0, 255).astype(np.uint8)
+    return image
 
 
 def _tissue_maps(
@@ -326,15 +343,48 @@ def _tissue_maps(
 
     The fields are smooth over tens of pixels, so they are evaluated on a grid ``step``
     pixels apart and interpolated linearly: the same picture at a fraction of the cost.
+    Linear interpolation is a convex combination of a cell's four corners, so a cell whose
+    corners agree (same winning type, same side of the outline, by a margin far above
+    rounding) takes their answer for all its pixels; only the pixels of the other cells, along
+    type and tissue boundaries, are interpolated (with the same call, so the same numbers).
     """
     coarse = np.arange(0, size + step, step, dtype=float) + 0.5
     xs, ys = np.meshgrid(coarse, coarse)
     xyz = _with_z(_apply(to_tissue, np.c_[xs.ravel(), ys.ravel()]), z)
-    fields = [volume._field(w, xyz).reshape(xs.shape) for w in volume.type_waves]
+    fields = np.stack([volume._field(w, xyz).reshape(xs.shape) for w in volume.type_waves])
     # The margin interpolates smoothly, unlike a mask.
     margin = volume.margin(xyz).reshape(xs.shape)
+
+    n_cells = -(-size // step)  # cells holding pixels; their corners are grid nodes 0..n_cells
+    corners = (slice(0, n_cells), slice(1, n_cells + 1))
+    winner = np.argmax(fields, axis=0)
+    ordered = np.sort(fields, axis=0)
+    lead = ordered[-1] - ordered[-2] if len(fields) > 1 else np.full(winner.shape, np.inf)
+    # The decision margin of each corner, scaled to the fields' magnitude.
+    tol = 1e-9 * (1.0 + np.abs(fields).max())
+    cell_type, type_sure = winner[0:n_cells, 0:n_cells], np.ones((n_cells, n_cells), bool)
+    cell_inside = margin[0:n_cells, 0:n_cells] > 0
+    inside_sure = np.ones((n_cells, n_cells), bool)
+    tol_margin = 1e-9 * (1.0 + np.abs(margin).max())
+    for rows in corners:
+        for cols in corners:
+            type_sure &= (winner[rows, cols] == cell_type) & (lead[rows, cols] > tol)
+            inside_sure &= (margin[rows, cols] > tol_margin) == cell_inside
+            inside_sure &= np.abs(margin[rows, cols]) > tol_margin
+
+    def per_pixel(cells: np.ndarray) -> np.ndarray:
+        return np.repeat(np.repeat(cells, step, axis=0), step, axis=1)[:size, :size]
+
+    types = per_pixel(cell_type).astype(np.intp)
+    inside = per_pixel(cell_inside)
     fine = np.arange(size, dtype=float) / step
-    rows, cols = np.meshgrid(fine, fine, indexing="ij")
-    sample = lambda grid: ndimage.map_coordinates(grid, [rows, cols], order=1)  # noqa: E731
-    types = np.argmax(np.stack([sample(f) for f in fields]), axis=0)
-    return sample(margin) >= 0, types
+    unsure_type = np.nonzero(~per_pixel(type_sure))
+    if len(unsure_type[0]):
+        coords = [fine[unsure_type[0]], fine[unsure_type[1]]]
+        values = [ndimage.map_coordinates(f, coords, order=1) for f in fields]
+        types[unsure_type] = np.argmax(np.stack(values), axis=0)
+    unsure_inside = np.nonzero(~per_pixel(inside_sure))
+    if len(unsure_inside[0]):
+        coords = [fine[unsure_inside[0]], fine[unsure_inside[1]]]
+        inside[unsure_inside] = ndimage.map_coordinates(margin, coords, order=1) >= 0
+    return inside, types

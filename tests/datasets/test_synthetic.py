@@ -113,3 +113,62 @@ def test_flip_marks_mirrored_sections():
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         synthetic_stack(**kwargs)
+
+
+def _fingerprint(sdata, truth) -> str:
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    table = sdata.tables["table"]
+    for name in sorted(sdata.images):
+        digest.update(np.ascontiguousarray(sdata.images[name].values).tobytes())
+    digest.update(np.ascontiguousarray(table.X.toarray()).tobytes())
+    digest.update(np.ascontiguousarray(table.obsm["spatial"]).tobytes())
+    digest.update("".join(table.obs_names).encode())
+    digest.update(np.ascontiguousarray(truth.expression.to_numpy()).tobytes())
+    digest.update(truth.tissue_type.cat.codes.to_numpy().tobytes())
+    for matrix in truth.transforms.values():
+        digest.update(matrix.tobytes())
+    return digest.hexdigest()
+
+
+def test_default_demo_stack_is_unchanged():
+    """The demo stack (default arguments) is byte for byte what it was before the simulation
+    was made faster (images, counts, spots, truth): results and figures made from it stay."""
+    assert _fingerprint(*synthetic_stack()) == "dbc3d94fa204ab5c9051b30591d7fa9a"
+
+
+@pytest.mark.parametrize(("size", "n_types"), [(203, 6), (256, 1), (330, 3)])
+def test_tissue_maps_equal_interpolating_every_pixel(size, n_types):
+    """Cells whose corners agree skip the interpolation: the maps are still exactly those of
+    interpolating the coarse fields at every pixel."""
+    from scipy import ndimage
+
+    from asign_sc.datasets._synthetic import (
+        _apply,
+        _slide_to_tissue,
+        _tissue_maps,
+        _Volume,
+        _with_z,
+    )
+
+    rng = np.random.default_rng(size)
+    volume = _Volume(rng, 0.32 * size, n_types, 5)
+    to_tissue = _slide_to_tissue(0.7, np.array([size / 2, size / 2 + 9]), mirror=True)
+    inside, types = _tissue_maps(volume, to_tissue, 11.0, size)
+
+    step = 4
+    coarse = np.arange(0, size + step, step, dtype=float) + 0.5
+    xs, ys = np.meshgrid(coarse, coarse)
+    xyz = _with_z(_apply(to_tissue, np.c_[xs.ravel(), ys.ravel()]), 11.0)
+    fine = np.arange(size, dtype=float) / step
+    rows, cols = np.meshgrid(fine, fine, indexing="ij")
+    fields = [volume._field(w, xyz).reshape(xs.shape) for w in volume.type_waves]
+    expected_types = np.argmax(
+        np.stack([ndimage.map_coordinates(f, [rows, cols], order=1) for f in fields]), axis=0
+    )
+    margin = volume.margin(xyz).reshape(xs.shape)
+    expected_inside = ndimage.map_coordinates(margin, [rows, cols], order=1) >= 0
+    np.testing.assert_array_equal(types, expected_types)
+    np.testing.assert_array_equal(inside, expected_inside)
+    assert 0 < inside.mean() < 1 and (n_types == 1 or len(np.unique(types[inside])) > 1)
