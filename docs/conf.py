@@ -43,6 +43,8 @@ for notebook in sorted((ROOT / "tutorials").glob("*.ipynb")):
     if not target.exists() or target.read_bytes() != notebook.read_bytes():
         shutil.copyfile(notebook, target)
 os.environ.setdefault("ASIGN_SC_HER2ST", str(ROOT.parent / "shared" / "data" / "her2st"))
+# "force": the tutorials are committed with their outputs (so GitHub shows figures and
+# numbers), and every docs build still runs them again, replacing those outputs.
 nb_execution_mode = os.environ.get("ASIGN_SC_NB_EXECUTION", "force")
 nb_execution_timeout = 1800
 nb_execution_raise_on_error = True
