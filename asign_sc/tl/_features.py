@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -721,14 +722,22 @@ def _on_client(
 
     shipped = client.scatter(extractor, broadcast=True, hash=False)
     futures = []
-    for level, tile in _tiles(stack, frame_windows, extractor.input_size, result):
-        region = level.lazy(tile)
+    planned = _tiles(stack, frame_windows, extractor.input_size, result)
+    for _, group in itertools.groupby(planned, key=lambda item: id(item[0])):
+        level_tiles = list(group)
+        level = level_tiles[0][0]
+        tiles = [tile for _, tile in level_tiles]
+        regions = [level.lazy(tile) for tile in tiles]
+        # One graph per pyramid level: an image held in memory is sent once, not per tile.
         pixels = (
-            client.compute(region)
-            if hasattr(region, "dask")
-            else client.scatter(np.ascontiguousarray(region), hash=False)
+            client.compute(regions)
+            if hasattr(level.array, "dask")
+            else client.scatter([np.ascontiguousarray(r) for r in regions], hash=False)
         )
-        futures.append(client.submit(_encode_tile, pixels, tile, shipped, cache, pure=False))
+        futures += [
+            client.submit(_encode_tile, part, tile, shipped, cache, pure=False)
+            for part, tile in zip(pixels, tiles, strict=True)
+        ]
     try:
         for future in as_completed(futures):
             item = future.result()
