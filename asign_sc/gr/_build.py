@@ -22,6 +22,7 @@ from asign_sc.gr._ann import (
     choose_feature_search,
     search_threads,
 )
+from asign_sc.gr._kernel import gaussian_overlap
 from asign_sc.gr._overlap import circle_iou
 from asign_sc.gr._search import (
     cosine_top_k_per_row,
@@ -50,9 +51,22 @@ _MANY_PAIRS = 1e9
 #: Values of ``feature_search``.
 FEATURE_SEARCHES = ("auto", "exact", "approximate")
 
+#: Values of ``across``.
+ACROSS_MODES = ("kernel", "iou")
+
+#: Defaults of the across-section kernel, in spot pitches, chosen by
+#: ``benchmarks/propagation.py`` (label propagation on her2st patients A, B, D).
+KERNEL_WIDTH = 2.0
+ACROSS_RADIUS = 3.5
+
 #: How the within-section weights are defined, recorded in the parameters.
 WITHIN_WEIGHT = "min(1, pitch / distance)"
-ACROSS_WEIGHT = {"cosine": "IoU + max(cosine, 0)", None: "IoU"}
+ACROSS_WEIGHT = {
+    ("iou", "cosine"): "IoU + max(cosine, 0)",
+    ("iou", None): "IoU",
+    ("kernel", "cosine"): "IoU(0) * exp(-d^2 / (2 (kernel_width * pitch)^2)) * max(cosine, 0)",
+    ("kernel", None): "IoU(0) * exp(-d^2 / (2 (kernel_width * pitch)^2))",
+}
 
 
 @dataclass
@@ -96,6 +110,9 @@ def build_3d_graph(
     features_key: str | None = None,
     n_neighs_within: int = 8,
     n_neighs_across: int = 12,
+    across: Literal["kernel", "iou"] = "kernel",
+    kernel_width: float = KERNEL_WIDTH,
+    across_radius: float = ACROSS_RADIUS,
     similarity: Literal["cosine"] | None = "cosine",
     across_candidates: int | None = None,
     feature_search: Literal["auto", "exact", "approximate"] = "auto",
@@ -106,7 +123,7 @@ def build_3d_graph(
     key_added: str = Key.obsp.graph3d,
     copy: bool = False,
 ) -> AnnData | SpatialData | None:
-    """Build the 3D spot graph of a section stack: overlap and similarity across sections.
+    """Build the 3D spot graph of a section stack: nearby spots within and across sections.
 
     Every spot gets two kinds of edges (paper §III-B):
 
@@ -115,16 +132,35 @@ def build_3d_graph(
       section's spot pitch (median distance of a spot to its nearest neighbour). This is
       the paper's inverse distance made unit-free: the first ring of a regular array gets
       1, the next rings 1/√2, 1/√3, ..., and coincident spots 1 (no division by zero).
-    - **to the other sections of its sample**: the ``n_neighs_across`` spots with the
-      largest weight ``IoU + max(cosine, 0)`` (eq. 1), where IoU is the exact area
-      overlap of the two spot discs in the aligned frame and cosine the similarity of the
-      spots' image features. Cosine is clipped at 0 so that weights stay non-negative, as
-      label propagation needs (for non-negative CNN features, as in the paper, the clip
-      never binds). Without features the weight is the IoU alone.
+    - **to the other sections of its sample**, by ``across``:
 
-    Edges of weight 0 are left out, so a spot whose disc overlaps nothing (and, with
-    features, is not similar to anything) has fewer than ``n_neighs_across`` across
-    edges. Spots of different samples are never connected.
+      - ``"kernel"`` (default): in **each** other section, its ``n_neighs_across`` nearest
+        spots in the aligned frame within ``across_radius`` pitches, weight
+        ``IoU(0) * exp(-d² / (2 (kernel_width * pitch)²))`` (:func:`gaussian_overlap`):
+        a Gaussian of the centre distance ``d`` whose zero-distance limit is the disc
+        overlap (IoU) of concentric spots (1 for equal radii), ``pitch`` the mean of the
+        two sections' pitches. With features (``similarity="cosine"``) the weight is
+        multiplied by ``max(cosine, 0)``.
+      - ``"iou"``: the paper's eq. 1, the ``n_neighs_across`` spots of all other sections
+        together with the largest weight ``IoU + max(cosine, 0)``, where IoU is the exact
+        area overlap of the two spot discs in the aligned frame and cosine the similarity
+        of the spots' image features. Without features the weight is the IoU alone.
+
+      Cosine is clipped at 0 so that weights stay non-negative, as label propagation
+      needs (for non-negative CNN features, as in the paper, the clip never binds).
+
+    Why the kernel is the default: on legacy ST arrays (100 µm spots at a 200 µm pitch)
+    the IoU is zero beyond one spot diameter, so with any residual misalignment most
+    spots get 0-2 across edges, and label propagation over such a graph loses to a plain
+    nearest-neighbour graph. With the kernel (12 per other section, width 2 pitches,
+    radius 3.5 pitches) propagation matches or beats that graph on her2st patients A, B
+    and D (``benchmarks/propagation.py``, ``benchmarks/results/propagation.md``).
+
+    Edges of weight 0 are left out, so with ``across="iou"`` a spot whose disc overlaps
+    nothing (and, with features, is not similar to anything) has fewer than
+    ``n_neighs_across`` across edges, and with ``across="kernel"`` a spot with no spot of
+    another section within ``across_radius`` pitches has none to that section. Spots of
+    different samples are never connected.
 
     Parameters
     ----------
@@ -155,22 +191,33 @@ def build_3d_graph(
     n_neighs_within
         Edges per spot within its section.
     n_neighs_across
-        Edges per spot to other sections of the same sample (top-k over all of them).
+        Edges per spot to other sections of the same sample: per other section with
+        ``across="kernel"`` (so ``n_neighs_across * (n_sections - 1)`` at most), top-k over
+        all of them together with ``across="iou"``.
+    across
+        ``"kernel"`` (default): nearest spots of each other section, weighted by a Gaussian
+        of their distance; ``"iou"``: the paper's eq. 1 (disc overlap + feature similarity).
+    kernel_width
+        Standard deviation of the Gaussian of ``across="kernel"``, in spot pitches.
+    across_radius
+        Largest distance of an across edge with ``across="kernel"``, in spot pitches.
     similarity
-        ``"cosine"`` (eq. 1) or ``None`` to use the overlap only, even when features exist.
+        ``"cosine"`` (eq. 1; with ``across="kernel"`` a factor ``max(cosine, 0)``) or
+        ``None`` to use the distance only, even when features exist.
     across_candidates
-        Size of the feature-space part of the candidate set of the across edges: per spot
-        and other section, the ``across_candidates`` spots most similar in feature space
-        (see ``feature_search``), joined with every spot whose disc overlaps (exact KD-tree
-        range search). Weights of eq. 1 are then computed exactly for these candidates
-        only, so at most ``n_obs * (n_sections - 1) * across_candidates`` pairs plus the
-        overlaps are ever formed. Spots outside the set have IoU 0 and, with the exact
-        search, a smaller similarity than all of its similarity candidates, so any value
-        ``>= n_neighs_across`` (the default) gives the exact top-k of eq. 1 over all pairs;
-        smaller values trade exactness for less memory and time. Ties between equal weights
-        are broken by the search and may differ from another implementation's.
+        ``across="iou"`` only. Size of the feature-space part of the candidate set of the across
+        edges: per spot and other section, the ``across_candidates`` spots most similar in feature
+        space (see ``feature_search``), joined with every spot whose disc overlaps (exact KD-tree
+        range search). Weights of eq. 1 are then computed exactly for these candidates only, so at
+        most ``n_obs * (n_sections - 1) * across_candidates`` pairs plus the overlaps are ever
+        formed. Spots outside the set have IoU 0 and, with the exact search, a smaller similarity
+        than all of its similarity candidates, so any value ``>= n_neighs_across`` (the default)
+        gives the exact top-k of eq. 1 over all pairs; smaller values trade exactness for less
+        memory and time. Ties between equal weights are broken by the search and may differ from
+        another implementation's.
     feature_search
-        How the similarity candidates are found (the overlap candidates are always exact):
+        ``across="iou"`` only. How the similarity candidates are found (the overlap
+        candidates are always exact):
 
         - ``"exact"``: every pair of spots of every two sections (blockwise matrix products),
           ``O(n_a * n_b * dim)`` per pair of sections, the square of the stack: with 100k
@@ -201,10 +248,10 @@ def build_3d_graph(
         same for the same input: the HNSW graphs are built with one thread and the
         principal axes from a seeded sample.
     similarity_radius
-        Look for similar spots only within this distance (units of ``obsm[spatial_key]``)
-        instead of in the whole section: the candidates are then every spot of the other
-        sections within ``max(similarity_radius, r_a + r_b)`` (KD-tree range search), and
-        ``across_candidates`` and ``feature_search`` are not used. The cost is linear in the
+        ``across="iou"`` only. Look for similar spots only within this distance (units of
+        ``obsm[spatial_key]``) instead of in the whole section: the candidates are then every spot
+        of the other sections within ``max(similarity_radius, r_a + r_b)`` (KD-tree range search),
+        and ``across_candidates`` and ``feature_search`` are not used. The cost is linear in the
         number of spots with a radius of a few spot pitches.
     section_spacing
         Distance between consecutive sections in units of ``obsm[spatial_key]`` (e.g. the
@@ -235,8 +282,10 @@ def build_3d_graph(
       Coincident spots give stored zeros, so use the connectivities for the pattern.
     - ``uns[f"{key_added}_neighbors"]``: ``{"connectivities_key", "distances_key",
       "params"}`` as squidpy's :func:`squidpy.gr.spatial_neighbors` writes it; ``params``
-      holds the arguments, the feature search used (``"exact"``, ``"approximate"``, or
-      ``None`` without a whole-section similarity search) and, for the approximate one,
+      holds the arguments (``across``, ``kernel_width``, ``across_radius`` among them), the
+      weights' definitions (``within_weight``, ``across_weight``), the feature search used
+      (``"exact"``, ``"approximate"``, or ``None`` without a whole-section similarity
+      search, always with ``across="kernel"``) and, for the approximate one,
       its settings (``"approximate_search"``), the radii, pitches and scales used per
       section, and the edge counts.
 
@@ -257,6 +306,7 @@ def build_3d_graph(
     _check_counts(n_neighs_within, n_neighs_across, across_candidates)
     if similarity not in ("cosine", None):
         raise ValueError(f"similarity must be 'cosine' or None, got {similarity!r}.")
+    _check_kernel(across, kernel_width, across_radius)
     if feature_search not in FEATURE_SEARCHES:
         raise ValueError(
             f"feature_search must be one of {FEATURE_SEARCHES}, got {feature_search!r}: 'exact' "
@@ -290,45 +340,66 @@ def build_3d_graph(
     _require_two_sections(stack)
     table = stack.table
     coords = _coordinates(table, spatial_key)
-    features, used_feature_key = _features(table, features_key, similarity)
+    features, used_feature_key = _features(table, features_key, similarity, across)
     radii, scales = _radii(stack, coords, spot_radius, spatial_key)
     n_candidates = n_neighs_across if across_candidates is None else across_candidates
 
     search = None
-    if features is not None and similarity_radius is None and n_neighs_across > 0:
+    if (
+        across == "iou"
+        and features is not None
+        and similarity_radius is None
+        and n_neighs_across > 0
+    ):
         sizes = [[s.n_spots for s in sections] for sections in stack.samples().values()]
         search = choose_feature_search(feature_search, sizes, features.values.shape[1])
 
     trees = {s.name: cKDTree(coords[s.rows]) for s in stack}
     within, pitches = _within_edges(stack, trees, n_neighs_within)
-    with search_threads(n_jobs):
-        across, disjoint = _across_edges(
+    if across == "kernel":
+        across_edges, disjoint = _kernel_edges(
             stack,
             coords,
             trees,
             radii,
+            pitches,
             features,
             k=n_neighs_across,
-            n_candidates=n_candidates,
-            search=search,
-            similarity_radius=similarity_radius,
+            width=kernel_width,
+            reach=across_radius,
             section_spacing=section_spacing,
         )
+    else:
+        with search_threads(n_jobs):
+            across_edges, disjoint = _across_edges(
+                stack,
+                coords,
+                trees,
+                radii,
+                features,
+                k=n_neighs_across,
+                n_candidates=n_candidates,
+                search=search,
+                similarity_radius=similarity_radius,
+                section_spacing=section_spacing,
+            )
     for a, b in disjoint:
         logger.warning(
-            "Sections %r and %r are adjacent in the stack but no spot of one overlaps a spot "
-            "of the other in obsm[%r], so their IoU is 0 everywhere%s. Check that the "
-            "coordinates are aligned (asign_sc.tl.register_sections) and that spatial_key "
-            "names the common frame.",
+            "Sections %r and %r are adjacent in the stack but no spot of one %s a spot of the "
+            "other in obsm[%r]%s. Check that the coordinates are aligned "
+            "(asign_sc.tl.register_sections) and that spatial_key names the common frame.",
             a,
             b,
+            "overlaps" if across == "iou" else f"is within {across_radius:g} pitches of",
             spatial_key,
-            " and they are linked by feature similarity only" if features is not None else "",
+            " (they are linked by feature similarity only)"
+            if across == "iou" and features is not None
+            else "",
         )
 
     n = table.n_obs
     rows_w, cols_w, w_w, d_w = within.arrays()
-    rows_a, cols_a, w_a, d_a = across.arrays()
+    rows_a, cols_a, w_a, d_a = across_edges.arrays()
     rows = np.concatenate([rows_w, rows_a])
     cols = np.concatenate([cols_w, cols_a])
     weights = np.concatenate([w_w, w_a])
@@ -356,7 +427,10 @@ def build_3d_graph(
                 "similarity": similarity if features is not None else None,
                 "n_neighs_within": n_neighs_within,
                 "n_neighs_across": n_neighs_across,
-                "across_candidates": n_candidates,
+                "across": across,
+                "kernel_width": kernel_width if across == "kernel" else None,
+                "across_radius": across_radius if across == "kernel" else None,
+                "across_candidates": n_candidates if across == "iou" else None,
                 "feature_search": search,
                 "approximate_search": (
                     approximate_search_settings() if search == "approximate" else None
@@ -366,7 +440,9 @@ def build_3d_graph(
                 "symmetric": symmetric,
                 "n_jobs": n_jobs,
                 "within_weight": WITHIN_WEIGHT,
-                "across_weight": ACROSS_WEIGHT[similarity if features is not None else None],
+                "across_weight": ACROSS_WEIGHT[
+                    across, similarity if features is not None else None
+                ],
                 "edge_type": f"within: same obs[{library_key!r}]; across: different",
                 "sections": stack.names,
                 "spot_radius": radii,
@@ -403,6 +479,20 @@ def _check_counts(n_within: int, n_across: int, n_candidates: int | None) -> Non
         raise ValueError(
             f"across_candidates must be a positive integer or None, got {n_candidates!r}."
         )
+
+
+def _check_kernel(across: str, width: float, reach: float) -> None:
+    if across not in ACROSS_MODES:
+        raise ValueError(
+            f"across must be one of {ACROSS_MODES}, got {across!r}: 'kernel' links each spot to "
+            "the nearest spots of every other section with a smooth distance weight, 'iou' "
+            "is the paper's eq. 1 (disc overlap + feature similarity)."
+        )
+    for name, value in (("kernel_width", width), ("across_radius", reach)):
+        if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+            raise TypeError(f"{name} must be a number of spot pitches, got {value!r}.")
+        if not (np.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number of spot pitches, got {value!r}.")
 
 
 def _require_two_sections(stack: SectionStack) -> None:
@@ -456,7 +546,7 @@ class _Features:
 
 
 def _features(
-    table: AnnData, features_key: str | None, similarity: str | None
+    table: AnnData, features_key: str | None, similarity: str | None, across: str
 ) -> tuple[_Features | None, str | None]:
     """The features used for similarity, or ``None`` when the graph uses the overlap only."""
     if similarity is None:
@@ -465,9 +555,10 @@ def _features(
         if DEFAULT_FEATURE_KEY not in table.obsm:
             logger.info(
                 "No image features (obsm[%r] is missing and features_key=None): across-section "
-                "weights are the disc overlap (IoU) alone. Run asign_sc.tl.extract_features or "
-                "pass features_key= to add the similarity term of eq. 1.",
+                "weights are the %s alone. Run asign_sc.tl.extract_features or pass "
+                "features_key= to add the feature similarity.",
                 DEFAULT_FEATURE_KEY,
+                "disc overlap (IoU)" if across == "iou" else "distance kernel",
             )
             return None, None
         feature_key = DEFAULT_FEATURE_KEY
@@ -670,6 +761,81 @@ def _across_edges(
             )
             edges.add(rows[keep], cols[keep], weights, distance)
     return edges, disjoint
+
+
+def _kernel_edges(
+    stack: SectionStack,
+    coords: np.ndarray,
+    trees: dict[str, cKDTree],
+    radii: dict[str, float],
+    pitches: dict[str, float],
+    features: _Features | None,
+    *,
+    k: int,
+    width: float,
+    reach: float,
+    section_spacing: float | None,
+) -> tuple[_Edges, list[tuple[str, str]]]:
+    """The ``k`` nearest spots of each other section within ``reach`` pitches, Gaussian weights."""
+    edges = _Edges.empty()
+    disjoint: list[tuple[str, str]] = []
+    if k == 0:
+        return edges, disjoint
+    for sections in stack.samples().values():
+        linked: set[tuple[str, str]] = set()
+        for ia, sa in enumerate(sections):
+            for ib, sb in enumerate(sections):
+                if ia == ib or sb.n_spots == 0:
+                    continue
+                pitch = _pair_pitch(pitches, sa.name, sb.name)
+                q = min(k, sb.n_spots)
+                dist, idx = trees[sb.name].query(
+                    coords[sa.rows], k=q, distance_upper_bound=reach * pitch
+                )
+                dist, idx = dist.reshape(sa.n_spots, q), idx.reshape(sa.n_spots, q)
+                found = np.isfinite(dist)
+                if found.any():
+                    linked.add((sa.name, sb.name))
+                rows = sa.rows[np.nonzero(found)[0]]
+                cols = sb.rows[idx[found]]
+                planar = dist[found]
+                weights = gaussian_overlap(planar, radii[sa.name], radii[sb.name], width * pitch)
+                if features is not None:
+                    cosine = rowwise_dot(features.values, features.values, rows, cols) / (
+                        features.norms[rows] * features.norms[cols]
+                    )
+                    weights = weights * np.maximum(cosine, 0.0)
+                    keep = weights > 0
+                    rows, cols, weights, planar = (
+                        rows[keep],
+                        cols[keep],
+                        weights[keep],
+                        planar[keep],
+                    )
+                distance = (
+                    planar
+                    if section_spacing is None
+                    else np.hypot(planar, section_spacing * abs(ia - ib))
+                )
+                edges.add(rows, cols, weights, distance)
+        disjoint += [
+            (sa.name, sb.name)
+            for sa, sb in pairwise(sections)
+            if (sa.name, sb.name) not in linked and (sb.name, sa.name) not in linked
+        ]
+    return edges, disjoint
+
+
+def _pair_pitch(pitches: dict[str, float], a: str, b: str) -> float:
+    """Mean pitch of two sections; the known one when a section has no pitch (one spot)."""
+    known = [p for p in (pitches[a], pitches[b]) if np.isfinite(p)]
+    if not known:
+        raise InvalidStackError(
+            f"The spot pitch of sections {a!r} and {b!r} is unknown (fewer than two distinct "
+            "spot positions each), so the across kernel has no scale. Drop those sections or "
+            "pass across='iou'."
+        )
+    return float(np.mean(known))
 
 
 def _similar_spots(

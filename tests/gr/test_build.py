@@ -79,7 +79,12 @@ def test_matches_brute_force(seed, feature_dim, make_stack):
     )
     feature_key = "feat" if feature_dim else None
     build_3d_graph(
-        adata, spatial_key="spatial", features_key=feature_key, n_neighs_within=6, n_neighs_across=5
+        adata,
+        spatial_key="spatial",
+        features_key=feature_key,
+        n_neighs_within=6,
+        n_neighs_across=5,
+        across="iou",
     )
     radius = {f"p0s{s}": r for s, r in enumerate([27.5, 40.0, 20.0, 33.0])}
     expected = brute_force_edges(
@@ -94,7 +99,9 @@ def test_matches_brute_force_with_blockwise_torch_search(monkeypatch, make_stack
     monkeypatch.setattr(_search, "_SMALL_ELEMENTS", 0)
     monkeypatch.setattr(_search, "_BLOCK_ELEMENTS", 100)
     adata = make_stack(3, (7, 6), seed=3, feature_dim=7)
-    build_3d_graph(adata, spatial_key="spatial", features_key="feat", n_neighs_across=6)
+    build_3d_graph(
+        adata, spatial_key="spatial", features_key="feat", n_neighs_across=6, across="iou"
+    )
     expected = brute_force_edges(
         adata,
         k_within=8,
@@ -115,6 +122,7 @@ def test_similarity_radius_matches_brute_force(seed, make_stack):
         features_key="feat",
         n_neighs_across=5,
         similarity_radius=150.0,
+        across="iou",
     )
     expected = brute_force_edges(
         adata,
@@ -138,7 +146,12 @@ def test_matches_brute_force_with_samples_and_no_edges_between_them(make_stack):
     adata = make_stack(3, (6, 5), seed=4, n_samples=2, shift=0.0, feature_dim=8)
     # The two samples lie on top of each other: only sample_key keeps them apart.
     build_3d_graph(
-        adata, spatial_key="spatial", sample_key="sample", features_key="feat", n_neighs_across=4
+        adata,
+        spatial_key="spatial",
+        sample_key="sample",
+        features_key="feat",
+        n_neighs_across=4,
+        across="iou",
     )
     expected = brute_force_edges(
         adata,
@@ -156,15 +169,27 @@ def test_matches_brute_force_with_samples_and_no_edges_between_them(make_stack):
 
 def test_default_candidates_are_exact_and_fewer_are_a_subset_of_candidates(make_stack):
     adata = make_stack(3, (8, 8), seed=5, feature_dim=6)
-    build_3d_graph(adata, spatial_key="spatial", features_key="feat", n_neighs_across=6)
+    build_3d_graph(
+        adata, spatial_key="spatial", features_key="feat", across="iou", n_neighs_across=6
+    )
     exact = graph_edges(adata)
     _, exact_across = split_graph(adata)
     build_3d_graph(
-        adata, spatial_key="spatial", features_key="feat", n_neighs_across=6, across_candidates=40
+        adata,
+        spatial_key="spatial",
+        features_key="feat",
+        across="iou",
+        n_neighs_across=6,
+        across_candidates=40,
     )
     assert_same_edges(graph_edges(adata), exact)
     build_3d_graph(
-        adata, spatial_key="spatial", features_key="feat", n_neighs_across=6, across_candidates=1
+        adata,
+        spatial_key="spatial",
+        features_key="feat",
+        across="iou",
+        n_neighs_across=6,
+        across_candidates=1,
     )
     assert adata.uns["spatial3d_neighbors"]["params"]["across_candidates"] == 1
     # Each across edge is an overlap or the single most similar spot of that section.
@@ -181,17 +206,26 @@ def test_default_candidates_are_exact_and_fewer_are_a_subset_of_candidates(make_
 
 def test_auto_search_is_exact_on_small_stacks_and_recorded(make_stack):
     adata = make_stack(3, (8, 8), seed=5, feature_dim=6)
-    build_3d_graph(adata, spatial_key="spatial", features_key="feat", n_neighs_across=6)
+    build_3d_graph(
+        adata, spatial_key="spatial", features_key="feat", across="iou", n_neighs_across=6
+    )
     params = adata.uns["spatial3d_neighbors"]["params"]
     assert params["feature_search"] == "exact" and params["approximate_search"] == "None"
     exact = graph_edges(adata)
     build_3d_graph(
-        adata, spatial_key="spatial", features_key="feat", n_neighs_across=6, feature_search="exact"
+        adata,
+        spatial_key="spatial",
+        features_key="feat",
+        across="iou",
+        n_neighs_across=6,
+        feature_search="exact",
     )
     assert graph_edges(adata) == exact
-    build_3d_graph(adata, spatial_key="spatial", n_neighs_across=6, similarity=None)
+    build_3d_graph(adata, spatial_key="spatial", n_neighs_across=6, similarity=None, across="iou")
     assert adata.uns["spatial3d_neighbors"]["params"]["feature_search"] == "None"
-    build_3d_graph(adata, spatial_key="spatial", features_key="feat", similarity_radius=200.0)
+    build_3d_graph(
+        adata, spatial_key="spatial", features_key="feat", across="iou", similarity_radius=200.0
+    )
     assert adata.uns["spatial3d_neighbors"]["params"]["feature_search"] == "None"
 
 
@@ -200,7 +234,7 @@ def test_auto_search_is_approximate_on_large_sections(monkeypatch, make_stack):
 
     adata = make_stack(3, (8, 8), seed=5, feature_dim=6)
     monkeypatch.setattr(_ann, "EXACT_MAX_WORK", 64 * 64 * 6 - 1)
-    build_3d_graph(adata, spatial_key="spatial", features_key="feat")
+    build_3d_graph(adata, spatial_key="spatial", features_key="feat", across="iou")
     params = adata.uns["spatial3d_neighbors"]["params"]
     assert params["feature_search"] == "approximate"
     assert params["approximate_search"]["search_dim"] == 64
@@ -211,7 +245,9 @@ def test_approximate_search_recalls_the_exact_edges(clustered_features, make_sta
     adata.obsm["feat"] = clustered_features(adata.n_obs, 40, seed=30)
     found = {}
     for search in ("exact", "approximate"):
-        build_3d_graph(adata, spatial_key="spatial", features_key="feat", feature_search=search)
+        build_3d_graph(
+            adata, spatial_key="spatial", features_key="feat", across="iou", feature_search=search
+        )
         assert adata.uns["spatial3d_neighbors"]["params"]["feature_search"] == search
         found[search] = graph_edges(adata)
     exact, approximate = found["exact"], found["approximate"]
@@ -227,12 +263,15 @@ def test_approximate_search_recalls_the_exact_edges(clustered_features, make_sta
 
 def test_approximate_search_on_a_small_stack_is_the_exact_graph(make_stack):
     adata = make_stack(3, (8, 8), seed=5, feature_dim=6)
-    build_3d_graph(adata, spatial_key="spatial", features_key="feat", n_neighs_across=6)
+    build_3d_graph(
+        adata, spatial_key="spatial", features_key="feat", across="iou", n_neighs_across=6
+    )
     exact = graph_edges(adata)
     build_3d_graph(
         adata,
         spatial_key="spatial",
         features_key="feat",
+        across="iou",
         n_neighs_across=6,
         feature_search="approximate",
         n_jobs=1,
@@ -243,7 +282,7 @@ def test_approximate_search_on_a_small_stack_is_the_exact_graph(make_stack):
 
 def test_degrees_and_weight_ranges(make_stack):
     adata = make_stack(3, (8, 6), seed=6, feature_dim=4)
-    build_3d_graph(adata, spatial_key="spatial", features_key="feat")
+    build_3d_graph(adata, spatial_key="spatial", features_key="feat", across="iou")
     within, across = split_graph(adata)
     assert np.all(within.getnnz(axis=1) == 8)
     assert np.all(across.getnnz(axis=1) == 12)  # features make every candidate positive
@@ -319,18 +358,23 @@ def test_disjoint_sections_give_iou_zero_and_a_warning(caplog, make_stack):
 def test_note_without_features_and_default_feature_key(caplog, make_stack):
     adata = make_stack(2, (4, 4), seed=11)
     with caplog.at_level(logging.INFO, logger="asign_sc"):
-        build_3d_graph(adata, spatial_key="spatial")
+        build_3d_graph(adata, spatial_key="spatial", across="iou")
     assert any("IoU) alone" in r.getMessage() for r in caplog.records)
     assert adata.uns["spatial3d_neighbors"]["params"]["features_key"] == "None"
     adata.obsm[Key.obsm.features("asign", "spot")] = np.abs(
         np.random.default_rng(0).normal(size=(adata.n_obs, 4))
     )
-    build_3d_graph(adata, spatial_key="spatial")
+    build_3d_graph(adata, spatial_key="spatial", across="iou")
     params = adata.uns["spatial3d_neighbors"]["params"]
     assert params["features_key"] == "X_asign_spot"
     assert params["across_weight"] == "IoU + max(cosine, 0)"
-    build_3d_graph(adata, spatial_key="spatial", similarity=None)
+    build_3d_graph(adata, spatial_key="spatial", similarity=None, across="iou")
     assert adata.uns["spatial3d_neighbors"]["params"]["across_weight"] == "IoU"
+    # The default kernel: the same features as a factor.
+    build_3d_graph(adata, spatial_key="spatial")
+    params = adata.uns["spatial3d_neighbors"]["params"]
+    assert params["features_key"] == "X_asign_spot" and params["across"] == "kernel"
+    assert params["across_weight"].endswith("* max(cosine, 0)")
 
 
 def test_storage_keys_params_and_h5ad_roundtrip(tmp_path, make_stack):
@@ -347,6 +391,8 @@ def test_storage_keys_params_and_h5ad_roundtrip(tmp_path, make_stack):
     assert params["spatial_key"] == "spatial_aligned"
     assert params["n_neighs_within"] == 8 and params["n_neighs_across"] == 12
     assert params["section_spacing"] == 50.0
+    assert params["across"] == "kernel" and params["across_candidates"] == "None"
+    assert params["kernel_width"] == 2.0 and params["across_radius"] == 3.5
     assert params["spot_radius"] == {f"p0s{s}": RADIUS for s in range(3)}
     assert (
         params["n_edges_within"] + params["n_edges_across"] == adata.obsp["g3_connectivities"].nnz
@@ -480,7 +526,7 @@ def test_spatialdata_input(synthetic_small, make_stack):
         rows = (table.obs["section"] == name).to_numpy()
         aligned[rows] = np.c_[xy[rows], np.ones(rows.sum())] @ np.asarray(matrix)[:2].T
     table.obsm["spatial_aligned"] = aligned
-    build_3d_graph(sdata)
+    build_3d_graph(sdata, across="iou")
     within, across = split_graph(sdata)
     assert within.nnz > 0 and across.nnz > 0
     params = table.uns["spatial3d_neighbors"]["params"]
