@@ -47,7 +47,7 @@ def her2st(path: Path) -> None:
     sdata = read_her2st(path, patient="C")
     read_s = time.perf_counter() - start
     wall, cpu = time.perf_counter(), _cpu()
-    register_sections(sdata, progress=False)
+    register_sections(sdata, show_progress_bar=False)
     wall, cpu = time.perf_counter() - wall, _cpu() - cpu
     qc = sdata.tables["table"].uns["asign_registration"]["qc"]
     columns = [
@@ -125,7 +125,7 @@ def synthetic(sizes: list[int], spacings: list[float], n_sections: int, seeds: l
                     init[moving] = chosen.matrix
                 init = _compose({None: names}, {None: reference}, init)
                 wall = time.perf_counter()
-                register_sections(sdata, max_side=min(size, 1000), progress=False)
+                register_sections(sdata, max_side=min(size, 1000), show_progress_bar=False)
                 wall = time.perf_counter() - wall
                 record = sdata.tables["table"].uns["asign_registration"]
                 matrices = {k: np.asarray(v) for k, v in record["matrices"].items()}

@@ -45,6 +45,8 @@ def test_reduced_mode_writes_every_method_beside_the_baselines(report):
         "overlap",
         "similarity",
         "propagation",
+        "ridge",
+        "ridge_propagation",
         "network",
         "asign",
     }
@@ -55,19 +57,22 @@ def test_reduced_mode_writes_every_method_beside_the_baselines(report):
     # the mean profile is constant over spots: per-gene PCC exactly 0, per-spot PCC not
     assert mean["pcc_gene_mean"] == 0.0
     assert mean["pcc_spot_mean"] > 0.3
-    for metric in ("pcc_gene_mean", "pcc_spot_mean", "mse_mean", "mae_mean"):
+    for metric in ("pcc_gene_mean", "pcc_gene_top50_mean", "pcc_spot_mean", "mse_mean", "mae_mean"):
         assert np.isfinite(main[metric]).all()
     text = (out / "accuracy.md").read_text()
-    assert "| per-gene PCC | per-spot PCC |" in text
+    assert "| per-gene PCC | per-gene PCC, top 50 | per-spot PCC |" in text
     assert "Where ASIGN wins" in text and "known S1:" in text
 
 
 def test_ablations_present_and_two_d_graph_cuts_propagation_across_sections(report):
     summary, _ = report
     variants = set(summary["variant"])
-    assert {"2D graph (within-section edges)", "10% of known spots", "fixed node weights"} <= (
-        variants
-    )
+    assert {
+        "2D graph (within-section edges)",
+        "10% of known spots",
+        "fixed node weights",
+        "blocked validation",
+    } <= variants
     two_d = summary[summary["variant"] == "2D graph (within-section edges)"].set_index("method")
     # without across-section edges nothing reaches the unknown sections: mean-profile fallback
     assert two_d.loc["propagation", "pcc_gene_mean"] == pytest.approx(0.0, abs=1e-6)
@@ -92,7 +97,7 @@ def test_readme_block_replaces_only_between_the_markers(accuracy, report):
     block, tail = rest.split(accuracy.README_END)
     assert head == "# Title\n\nkept\n" and tail == "\nkept too\n"
     assert "old" not in block
-    assert "| known | method | per-gene PCC | per-spot PCC |" in block
+    assert "| known | method | per-gene PCC | per-gene PCC, top 50 | per-spot PCC |" in block
     assert "| S1 | ASIGN, no graph attention |" in block
     asign = summary[(summary["variant"] == "main") & (summary["method"] == "asign")].iloc[0]
     assert f"| S1 | ASIGN | {asign['pcc_gene_mean']:.3f} |" in block
