@@ -183,6 +183,8 @@ def extract_features(
         )
     if window_unit not in ("px", "um"):
         raise ValueError(f"window_unit must be 'px' or 'um', got {window_unit!r}.")
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"precision must be 'auto', 'float32' or 'bfloat16', got {precision!r}.")
     precomputed = isinstance(encoder, str) and encoder.lower().startswith("obsm:")
     stack = resolve_stack(data, library_key=library_key, require_images=not precomputed)
     table = stack.table
@@ -201,11 +203,7 @@ def extract_features(
         enc = get_encoder(encoder, weights=weights)
         size = int(input_size or enc.input_size)
         if client is None:
-            _resolve_precision(precision, resolve_device(device))  # fail early, here
-        elif precision not in ("auto", "float32", "bfloat16"):
-            raise ValueError(
-                f"precision must be 'auto', 'float32' or 'bfloat16', got {precision!r}."
-            )
+            resolve_device(device)  # a bad device fails here, before any image is read
         extractor = _Extractor(
             enc,
             device=device,
@@ -336,8 +334,6 @@ def _resolve_precision(precision: str, device: torch.device) -> torch.dtype:
         return torch.float32
     if precision == "bfloat16":
         return torch.bfloat16
-    if precision != "auto":
-        raise ValueError(f"precision must be 'auto', 'float32' or 'bfloat16', got {precision!r}.")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu":
