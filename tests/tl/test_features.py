@@ -583,3 +583,24 @@ def test_pretrained_features_separate_tissue_types_better_than_random(her2st_c3)
     # over seeds 0-4). Standardised random conv features are a strong baseline here; the
     # pretrained encoder's lead is ~0.06-0.08 (C5: 0.82 vs 0.76 on average).
     assert pretrained > 0.8 and pretrained > np.mean(random) + 0.03, (pretrained, random)
+
+
+def test_scaling_page_examples_are_python_calling_real_parameters():
+    """docs/scaling.md: every code block parses, and extract_features is called with its own
+    parameters only (the page cannot drift from the signature)."""
+    import ast
+    import inspect
+    import re
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "scaling.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert len(blocks) >= 4
+    accepted = set(inspect.signature(extract_features).parameters)
+    calls = 0
+    for block in blocks:
+        for node in ast.walk(ast.parse(block)):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "extract_features":
+                calls += 1
+                assert {k.arg for k in node.keywords} <= accepted
+                assert any(k.arg == "client" for k in node.keywords)
+    assert calls >= 3
