@@ -11,7 +11,7 @@ from torch import nn
 from asign_sc import Key
 from asign_sc._errors import InvalidStackError
 from asign_sc._keys import LEVELS
-from asign_sc.io import SectionInput, build_spatialdata
+from asign_sc.io import SectionInput, build_spatialdata, to_legacy_anndata
 from asign_sc.models.encoders import get_encoder
 from asign_sc.tl import extract_features
 from asign_sc.tl._features import _read_plan, cpu_supports_bf16
@@ -349,6 +349,10 @@ def test_dask_client_gives_the_in_process_features(sdata, monkeypatch):
     local = {k: table.obsm[k].copy() for k in table.obsm if k.startswith("X_asign")}
     local_padding = table.obs.filter(like="padding").copy()
     n_tiles = table.uns["asign"]["features"]["tiles"]
+    # A legacy AnnData: its images are numpy arrays in uns, scattered to the workers.
+    legacy = to_legacy_anndata(sdata, max_side=None)
+    extract_features(legacy, encoder=conv, **kwargs)
+    legacy_local = legacy.obsm["X_asign_region_tokens"].copy()
     with (
         distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
@@ -356,8 +360,10 @@ def test_dask_client_gives_the_in_process_features(sdata, monkeypatch):
         distributed.Client(cluster) as client,
     ):
         extract_features(sdata, encoder=conv, client=client, **kwargs)
+        extract_features(legacy, encoder=conv, client=client, **kwargs)
         ran = client.run(lambda: 1)
     assert len(ran) == 2
+    np.testing.assert_array_equal(legacy.obsm["X_asign_region_tokens"], legacy_local)
     record = table.uns["asign"]["features"]
     assert "2 workers" in record["client"] and record["tiles"] == n_tiles > 2
     assert record["device"] == "cpu" and record["precision"] == "float32"
