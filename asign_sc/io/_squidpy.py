@@ -111,6 +111,12 @@ def add_squidpy_spatial(
     section's image) and ``table.uns['spatial'][section]`` with ``'images'`` (``'hires'``,
     ``'lowres'``) and ``'scalefactors'`` (``'tissue_hires_scalef'``,
     ``'tissue_lowres_scalef'``, ``'spot_diameter_fullres'``).
+
+    Raises
+    ------
+    InvalidStackError
+        The stack breaks the data contract (e.g. spots outside their image); the readers
+        therefore refuse such a stack as they build it.
     """
     if not is_spatialdata(sdata):
         raise TypeError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import matplotlib
 import numpy as np
+import pandas as pd
 import pytest
 
 matplotlib.use("Agg")
@@ -112,3 +113,24 @@ def test_add_squidpy_spatial_refuses_bad_input(imputed):
         asc.io.add_squidpy_spatial(imputed.tables["table"])
     with pytest.raises(ValueError, match="lowres_side must be a positive"):
         asc.io.add_squidpy_spatial(imputed, lowres_side=0)
+
+
+def test_a_stack_breaking_the_contract_is_refused_as_it_is_built():
+    from dataclasses import replace
+
+    from asign_sc.io import SectionInput, build_spatialdata
+
+    rng = np.random.default_rng(0)
+    image = np.full((100, 120, 3), 200, dtype=np.uint8)
+    spots = np.c_[rng.uniform(20, 100, 10), rng.uniform(20, 80, 10)]
+    good = SectionInput(
+        name="s0", counts=rng.poisson(3, (10, 4)), genes=list("abcd"),
+        obs=pd.DataFrame(index=[f"s0_{i}" for i in range(10)]), spatial=spots, spot_radius=3.0,
+        image=image,
+    )  # fmt: skip
+    other = pd.DataFrame(index=[f"s1_{i}" for i in range(10)])
+    sdata = build_spatialdata([good, replace(good, name="s1", obs=other)])
+    assert set(sdata.tables["table"].uns["spatial"]) == {"s0", "s1"}
+    wrong_unit = replace(good, name="s1", obs=other, spatial=spots * 10)
+    with pytest.raises(asc.InvalidStackError, match=r"section 's1' lie outside its"):
+        build_spatialdata([good, wrong_unit])

@@ -71,7 +71,9 @@ def _stack():
         },
     )
     ref = np.linalg.inv(aligned["P2"])
-    register_sections(adata, matrices={k: ref @ v for k, v in aligned.items()}, progress=False)
+    register_sections(
+        adata, matrices={k: ref @ v for k, v in aligned.items()}, show_progress_bar=False
+    )
     return adata
 
 
