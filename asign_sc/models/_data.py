@@ -75,12 +75,22 @@ class GraphInputs:
         }
 
     @torch.no_grad()
-    def reduced(self, net: torch.nn.Module) -> GraphInputs:
-        """Apply ``net.reduce`` (the model's fixed PCA of every level) to the features."""
+    def reduced(self, net: torch.nn.Module, *, chunk_size: int = 8192) -> GraphInputs:
+        """Apply ``net.reduce`` (the model's fixed PCA of every level) to the features.
+
+        Rows are reduced ``chunk_size`` at a time, so the centred copy the projection needs
+        never holds more than one chunk of the (wide) features.
+        """
+
+        def reduce(level: str, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat(
+                [net.reduce(level, x[i : i + chunk_size]) for i in range(0, len(x), chunk_size)]
+            )
+
         return GraphInputs(
-            spot=net.reduce("spot", self.spot),
-            region_tokens=net.reduce("region", self.region_tokens),
-            global_tokens=net.reduce("global", self.global_tokens),
+            spot=reduce("spot", self.spot),
+            region_tokens=reduce("region", self.region_tokens),
+            global_tokens=reduce("global", self.global_tokens),
             edge_index=self.edge_index,
             edge_weight=self.edge_weight,
             adjacency=self.adjacency,
@@ -121,7 +131,9 @@ class StackData:
         """Read features (standardised as asked) and the 3D graph of a stack (CPU tensors)."""
         features = _load_features(table, stack, features_key=features_key)
         if standardize == "section":
-            features = {k: standardize_by_section(v, stack) for k, v in features.items()}
+            features = {
+                k: standardize_by_section(v, stack, inplace=True) for k, v in features.items()
+            }
         adjacency = adjacency_tensor(load_graph(table, graph_key))
         if adjacency.shape[0] != table.n_obs:
             raise InvalidStackError(
@@ -153,7 +165,8 @@ def _obsm_array(table: AnnData, key: str, ndim: int, what: str) -> np.ndarray:
             f"obsm[{key!r}] ({what}) is missing. Run asign_sc.tl.extract_features(...) first, "
             "or pass features_key= naming the key_added you extracted features with."
         )
-    array = np.asarray(table.obsm[key], dtype=np.float32)
+    # one float32 copy (tokens may be stored as float16); standardisation then works in place
+    array = np.array(table.obsm[key], dtype=np.float32, copy=True)
     if array.ndim != ndim or array.shape[0] != table.n_obs:
         shape = "(n_obs, dim)" if ndim == 2 else "(n_obs, n_tokens, dim)"
         raise InvalidStackError(f"obsm[{key!r}] must have shape {shape}, got {array.shape}.")
@@ -181,13 +194,16 @@ def _load_features(
     return arrays
 
 
-def standardize_by_section(array: np.ndarray, stack: SectionStack) -> np.ndarray:
+def standardize_by_section(
+    array: np.ndarray, stack: SectionStack, *, inplace: bool = False
+) -> np.ndarray:
     """Z-score every feature within each section (over its spots, and tokens if any).
 
     This removes the section-to-section shift of image embeddings (stain, scanner,
     background) that otherwise makes a model trained on one section extrapolate badly.
+    With ``inplace=True`` ``array`` itself is overwritten (no second copy of the features).
     """
-    out = np.empty_like(array)
+    out = array if inplace else np.empty_like(array)
     for section in stack:
         block = array[section.rows]
         axes = tuple(range(block.ndim - 1))

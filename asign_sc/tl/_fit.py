@@ -156,11 +156,13 @@ def fit_asign(
         windows_px=windows,
     )
     model.net.fit_reduction(stack_data.inputs.features(), seed=seed)
+    inputs = stack_data.inputs.reduced(model.net)
+    del stack_data  # the wide features are not needed once reduced
     fit = fit_ensemble(
         model.net.members,
         training,
         epochs=int(epochs),
-        inputs=stack_data.inputs.reduced(model.net),
+        inputs=inputs,
         rows=rows,
         spot_targets=targets(rows)["spot"],
         pool_targets=lambda pool: targets(pool, windows),

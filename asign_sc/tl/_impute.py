@@ -362,8 +362,10 @@ def pooled_features(
                 f"obsm[{key!r}] is missing: this baseline needs the image features of "
                 "asign_sc.tl.extract_features(...); run it first or pass features_key=."
             )
-        block = np.asarray(table.obsm[key], dtype=np.float32)
-        blocks.append(standardize_by_section(block, stack) if standardize == "section" else block)
+        block = np.array(table.obsm[key], dtype=np.float32, copy=True)
+        if standardize == "section":
+            standardize_by_section(block, stack, inplace=True)
+        blocks.append(block)
     return np.concatenate(blocks, axis=1)
 
 

@@ -603,3 +603,15 @@ def test_fit_and_impute_a_spatialdata_stack():
     assert "asign" in out.tables["table"].obsm and "asign" not in table.obsm
     impute(sdata, model)
     assert table.obsm["asign"].shape == (n, 6)
+
+
+def test_fit_and_impute_leave_the_features_untouched(stack):
+    adata = stack.copy()
+    adata.obsm["X_asign_region_tokens"] = adata.obsm["X_asign_region_tokens"].astype(np.float16)
+    before = {k: np.array(v, copy=True) for k, v in adata.obsm.items()}
+    model = fit_asign(adata, known_sections=["S0"], n_top_genes=5, **{**FAST, "epochs": 2})
+    impute(adata, model)
+    impute(adata, method="ridge", known_sections=["S0"], key_added="r", layer_added="r")
+    for key, value in before.items():
+        np.testing.assert_array_equal(adata.obsm[key], value, err_msg=key)
+    assert adata.obsm["X_asign_region_tokens"].dtype == np.float16
