@@ -2,11 +2,15 @@
 
 Synthetic stacks of jittered-grid sections (Visium-like: spot radius 27.5 px at a 100 px
 pitch, each section slightly rotated and shifted against the others) with 1k, 3k, 10k, 30k
-and 100k spots in 5 sections are built with the overlap (IoU) only and, for 64-d and
-1280-d float32 image-like features (1280 is the dimension of the default encoder,
-EfficientNet-Lite0), with IoU + cosine similarity (eq. 1) four ways:
+and 100k spots in 5 sections are built with the default across-section kernel
+(``across="kernel"``: nearest spots of each other section, Gaussian weights), without
+features (``kernel``) and times the cosine of 64-d and 1280-d float32 image-like features
+(``kernel+cos``; 1280 is the dimension of the default encoder, EfficientNet-Lite0), and
+with the paper's eq. 1 (``across="iou"``): the overlap (IoU) only and IoU + cosine
+similarity four ways:
 
-- ``auto``: the default, exact search while sections are small, else approximate;
+- ``auto``: the default search of ``across="iou"``, exact while sections are small, else
+  approximate;
 - ``approx``: ``feature_search="approximate"`` (faiss HNSW on principal axes);
 - ``exact``: ``feature_search="exact"`` (all pairs of spots of two sections, blockwise),
   run at the first size and where it is predicted (quadratic growth from the previous
@@ -103,13 +107,15 @@ class PeakRSS:
         self.peak = max(self.peak, self._process.memory_info().rss - self._start)
 
 
-#: Modes: label -> (use features, feature_search, similarity_radius in spot pitches).
+#: Modes: label -> (use features, feature_search, similarity_radius in spot pitches, across).
 MODES = {
-    "IoU": (False, "auto", None),
-    "auto": (True, "auto", None),
-    "approx": (True, "approximate", None),
-    "exact": (True, "exact", None),
-    "r=3p": (True, "auto", 3.0),
+    "kernel": (False, "auto", None, "kernel"),
+    "kernel+cos": (True, "auto", None, "kernel"),
+    "IoU": (False, "auto", None, "iou"),
+    "auto": (True, "auto", None, "iou"),
+    "approx": (True, "approximate", None, "iou"),
+    "exact": (True, "exact", None, "iou"),
+    "r=3p": (True, "auto", 3.0, "iou"),
 }
 
 
@@ -161,12 +167,13 @@ def run_ours(
 
     from asign_sc.gr import build_3d_graph
 
-    features, search, radius = MODES[mode]
+    features, search, radius, across = MODES[mode]
 
     def build(adata) -> None:
         build_3d_graph(
             adata,
             spatial_key="spatial",
+            across=across,
             features_key="features" if features else None,
             similarity="cosine" if features else None,
             feature_search=search,
@@ -196,7 +203,11 @@ def run_ours(
             "n_obs": adata.n_obs,
             "edges_per_spot": conn.nnz / adata.n_obs,
             "search": params["feature_search"],
-            "recall": sampled_recall(adata, n_recall) if features and n_recall else None,
+            "recall": (
+                sampled_recall(adata, n_recall)
+                if features and n_recall and across == "iou"
+                else None
+            ),
             "edges": edges,
         }
     )
@@ -294,7 +305,7 @@ def main() -> None:
         for dim in args.feature_dims:
             baseline: dict[bool, dict] = {}
             for mode in args.modes:
-                features, search, radius = MODES[mode]
+                features, search, radius, across = MODES[mode]
                 if not features and dim != args.feature_dims[0]:
                     continue  # the overlap alone does not depend on the features
                 if search == "exact" and predicted(last_exact.get(dim), n) > args.exact_budget:
@@ -302,6 +313,7 @@ def main() -> None:
                 key = (features, dim)
                 run_base = (
                     radius is None
+                    and across == "iou"
                     and args.baseline_budget > 0
                     and (
                         features in baseline

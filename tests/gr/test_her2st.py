@@ -33,7 +33,7 @@ def test_across_edges_join_similar_spots_in_aligned_her2st(her2st_path):
         assert 3.0 < pitch / params["spot_radius"][name] < 4.5
 
     _, across = split_graph(sdata)
-    assert (np.diff(across.indptr) > 0).mean() > 0.9  # nearly every spot overlaps a neighbour
+    assert (np.diff(across.indptr) > 0).mean() > 0.9  # nearly every spot has an across neighbour
     expression = _standardised_log_expression(table)
     rows, cols = across.nonzero()
     linked = (expression[rows] * expression[cols]).mean(1).mean()
@@ -42,7 +42,7 @@ def test_across_edges_join_similar_spots_in_aligned_her2st(her2st_path):
     shuffled = np.random.default_rng(0).permutation(cols)
     other = codes[shuffled] != codes[rows]
     random = (expression[rows[other]] * expression[shuffled[other]]).mean(1).mean()
-    assert linked > random + 0.04  # measured: 0.349 vs 0.265
+    assert linked > random + 0.04  # measured: 0.317 vs 0.250 (across="iou": 0.349 vs 0.265)
 
 
 def _propagation_benchmark():
