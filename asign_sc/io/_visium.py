@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 #: Visium spots are 55 um across (10x Genomics, Visium Spatial Gene Expression).
 _SPOT_DIAMETER_UM = 55.0
 _SCALEFACTORS = "spatial/scalefactors_json.json"
+_SPOT_DIAMETER_KEY = "spot_diameter_fullres"
 _POSITIONS = ("spatial/tissue_positions.csv", "spatial/tissue_positions_list.csv")
 #: Columns spatialdata-io adds to link its table to its own elements; ours are rebuilt.
 _READER_COLUMNS = ("region", "spot_id")
@@ -130,26 +132,83 @@ def _check_folder(folder: Path, counts_file: str) -> None:
         )
 
 
+def _check_files(folder: Path, name: str, counts_file: str) -> None:
+    """Open each input file once, so that a broken one is named (file and section)."""
+    import h5py
+    from PIL import Image
+
+    where = f"Section {name!r}"
+    counts = next(
+        p
+        for p in sorted(folder.iterdir())
+        if p.name == counts_file or p.name.endswith(f"_{counts_file}")
+    )
+    if not h5py.is_hdf5(counts):
+        raise InvalidStackError(
+            f"{where}: {counts} is not an HDF5 file ({counts.stat().st_size} bytes; empty or "
+            "truncated?). Copy it again from the Space Ranger output."
+        )
+    path = folder / _SCALEFACTORS
+    try:
+        scalefactors = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InvalidStackError(f"{where}: {path} is not valid JSON ({error}).") from error
+    needed = [_SPOT_DIAMETER_KEY] + [
+        f"tissue_{level}_scalef"
+        for level in (Key.legacy.hires, Key.legacy.lowres)
+        if (folder / f"spatial/tissue_{level}_image.png").is_file()
+    ]
+    if not isinstance(scalefactors, dict):
+        raise InvalidStackError(f"{where}: {path} holds {type(scalefactors).__name__}, not a dict.")
+    lacking = [key for key in needed if key not in scalefactors]
+    if lacking:
+        raise InvalidStackError(
+            f"{where}: {path} lacks {lacking} (it has {sorted(scalefactors)}); Space Ranger "
+            "writes them for every run."
+        )
+    for level in (Key.legacy.hires, Key.legacy.lowres):
+        image = folder / f"spatial/tissue_{level}_image.png"
+        if not image.is_file():
+            continue
+        try:
+            with Image.open(image) as handle:
+                handle.load()
+        except (OSError, SyntaxError, ValueError) as error:
+            raise InvalidStackError(
+                f"{where}: could not read {image} ({type(error).__name__}: {error}); the file "
+                "may be truncated. Copy it again, or remove it to read the section without it."
+            ) from error
+
+
 def _read_section(folder: Path, name: str, counts_file: str) -> tuple[SectionInput, pd.DataFrame]:
     import spatialdata_io
     from spatialdata.transformations import get_transformation
 
     _check_folder(folder, counts_file)
-    with warnings.catch_warnings():
-        # Both are about intermediate states the reader resolves itself (it makes gene
-        # symbols unique and parses the table).
-        warnings.filterwarnings("ignore", "Variable names are not unique", UserWarning)
-        warnings.filterwarnings("ignore", "Converting `region_key", UserWarning)
-        sdata = spatialdata_io.visium(folder, dataset_id=name, counts_file=counts_file)
+    _check_files(folder, name, counts_file)
+    try:
+        with warnings.catch_warnings():
+            # Both are about intermediate states the reader resolves itself (it makes gene
+            # symbols unique and parses the table).
+            warnings.filterwarnings("ignore", "Variable names are not unique", UserWarning)
+            warnings.filterwarnings("ignore", "Converting `region_key", UserWarning)
+            sdata = spatialdata_io.visium(folder, dataset_id=name, counts_file=counts_file)
+    except Exception as error:  # anything the files still hold that spatialdata-io refuses
+        raise InvalidStackError(
+            f"Section {name!r}: spatialdata_io.visium could not read {folder} "
+            f"({type(error).__name__}: {error})."
+        ) from error
     table = sdata.tables["table"]
     if table.n_obs == 0:
-        raise InvalidStackError(f"{folder}: {counts_file} holds no barcodes (spots).")
+        raise InvalidStackError(
+            f"Section {name!r}: {folder / counts_file} holds no barcodes (spots)."
+        )
     spots = sdata.shapes[name]
     spatial = np.asarray(table.obsm[Key.obsm.spatial], dtype=float)
     lacking = ~np.isfinite(spatial).all(axis=1)
     if lacking.any():
         raise InvalidStackError(
-            f"{folder}: {int(lacking.sum())} barcodes of the counts file (e.g. "
+            f"Section {name!r} ({folder}): {int(lacking.sum())} barcodes of the counts file (e.g. "
             f"{table.obs_names[lacking][:3].tolist()}) have no position in the tissue "
             "positions file; the counts file and spatial/ come from different runs."
         )

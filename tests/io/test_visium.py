@@ -193,3 +193,44 @@ def test_section_without_images_is_read_without_image(tmp_path, caplog):
     assert "read without an image" in caplog.text
     assert not resolve_stack(sdata)["s"].has_image
     assert len(sdata.images) == 0
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda s: (s / "filtered_feature_bc_matrix.h5").write_bytes(b""), r"is not an HDF5 file"),
+        (
+            lambda s: (s / "spatial" / "scalefactors_json.json").write_text('{"spot_diam'),
+            r"scalefactors_json\.json is not valid JSON",
+        ),
+        (
+            lambda s: (s / "spatial" / "scalefactors_json.json").write_text(
+                json.dumps({"tissue_hires_scalef": 0.15, "tissue_lowres_scalef": 0.045})
+            ),
+            r"scalefactors_json\.json lacks \['spot_diameter_fullres'\]",
+        ),
+        (
+            lambda s: (s / "spatial" / "scalefactors_json.json").write_text(
+                json.dumps({"spot_diameter_fullres": 89.5, "tissue_lowres_scalef": 0.045})
+            ),
+            r"lacks \['tissue_hires_scalef'\]",
+        ),
+        (
+            lambda s: _truncate(s / "spatial" / "tissue_hires_image.png"),
+            r"could not read .*tissue_hires_image\.png",
+        ),
+    ],
+)
+def test_broken_files_are_named_with_their_section(tmp_path, damage, match):
+    _write_spaceranger(tmp_path / "good")
+    _write_spaceranger(tmp_path / "broken", seed=1)
+    damage(tmp_path / "broken")
+    with pytest.raises(InvalidStackError, match=match) as error:
+        read_visium_stack([tmp_path / "good", tmp_path / "broken"])
+    message = str(error.value)
+    assert message.startswith("Section 'broken'") and str(tmp_path / "broken") in message
