@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 #: Visium spots are 55 um across (10x Genomics, Visium Spatial Gene Expression).
 _SPOT_DIAMETER_UM = 55.0
 _SCALEFACTORS = "spatial/scalefactors_json.json"
-_SPOT_DIAMETER_KEY = "spot_diameter_fullres"
 _POSITIONS = ("spatial/tissue_positions.csv", "spatial/tissue_positions_list.csv")
 #: Columns spatialdata-io adds to link its table to its own elements; ours are rebuilt.
 _READER_COLUMNS = ("region", "spot_id")
@@ -153,9 +152,12 @@ def _check_files(folder: Path, name: str, counts_file: str) -> None:
         scalefactors = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
         raise InvalidStackError(f"{where}: {path} is not valid JSON ({error}).") from error
-    needed = [_SPOT_DIAMETER_KEY] + [
-        f"tissue_{level}_scalef"
-        for level in (Key.legacy.hires, Key.legacy.lowres)
+    needed = [Key.legacy.spot_diameter] + [
+        key
+        for level, key in (
+            (Key.legacy.hires, Key.legacy.hires_scalef),
+            (Key.legacy.lowres, Key.legacy.lowres_scalef),
+        )
         if (folder / f"spatial/tissue_{level}_image.png").is_file()
     ]
     if not isinstance(scalefactors, dict):
