@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -21,7 +24,8 @@ examples:
   asign-sc run stack.zarr --known S1 --out results/
       a SpatialData zarr store that follows the stack contract (see the docs)
 
-exit codes: 0 success, 1 invalid input data (the message says what to fix), 2 bad arguments
+exit codes: 0 success, 1 invalid input data (the message says what to fix), 2 bad arguments,
+  130 stopped (Ctrl-C or SIGTERM). --out gets a complete result or stays as it was.
 """
 
 
@@ -43,8 +47,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Load a section stack and run ASIGN on it: register the sections, embed "
         "the spot windows, build the 3D spot graph, fit the model on the known sections, "
         "impute every spot and score the imputation beside the baselines. Writes "
-        "<out>/stack.zarr (SpatialData with every result), model.pt, metrics.json/.csv, "
-        "PNG figures and summary.json.",
+        "<out>/stack.zarr (SpatialData with every result), model/ (the fitted model), "
+        "metrics.json/.csv, PNG figures and summary.json.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -83,7 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     run.add_argument(
-        "--overwrite", action="store_true", help="replace an existing <out>/stack.zarr"
+        "--overwrite",
+        action="store_true",
+        help="replace the result of an earlier run in --out (only once the new one is complete)",
     )
     verbosity = run.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -103,16 +109,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     logger.setLevel(level)
-    if args.her2st is not None and args.patient is None:
-        parser.error("--her2st needs --patient (e.g. --patient C)")
+    _check_arguments(parser, args)
 
     from asign_sc._errors import InvalidStackError
-    from asign_sc._pipeline import load_input, run_pipeline
+    from asign_sc._pipeline import check_encoder, load_input, run_pipeline
 
+    previous = _stop_on_sigterm()
     try:
         sdata = load_input(
             demo=args.demo, zarr=args.zarr, her2st=args.her2st, patient=args.patient, seed=args.seed
         )
+        try:
+            check_encoder(sdata, args.encoder)
+        except ValueError as error:
+            parser.error(str(error))
         run_pipeline(
             sdata,
             out=args.out,
@@ -128,7 +138,76 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InvalidStackError, FileNotFoundError, FileExistsError) as error:
         print(f"asign-sc: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            f"asign-sc: stopped; nothing was written ({args.out} is as it was before).",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every check that needs no data, before any work: ``parser.error`` (exit 2) on failure."""
+    from asign_sc._outputs import check_output_folder
+
+    if args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    if args.seed < 0:
+        parser.error(f"--seed must be a non-negative integer, got {args.seed}")
+    if not args.library_key.strip():
+        parser.error("--library-key is empty; name the obs column of sections (e.g. section)")
+    if args.encoder.lower().startswith("obsm:") and not args.encoder[5:]:
+        parser.error("--encoder obsm: needs a key, e.g. --encoder obsm:X_uni")
+    if args.patient is not None and args.her2st is None:
+        parser.error("--patient applies to --her2st only")
+    if args.her2st is not None:
+        from asign_sc.io._her2st import her2st_sections
+
+        if args.patient is None:
+            parser.error("--her2st needs --patient (e.g. --patient C)")
+        try:
+            her2st_sections(args.her2st, args.patient)
+        except (FileNotFoundError, ValueError) as error:
+            parser.error(str(error).replace("patient=", "--patient "))
+    if args.zarr is not None:
+        from asign_sc._pipeline import check_zarr_store
+
+        try:
+            check_zarr_store(args.zarr)
+        except (FileNotFoundError, ValueError) as error:
+            parser.error(str(error))
+    try:
+        check_output_folder(args.out, overwrite=args.overwrite)
+    except (FileExistsError, NotADirectoryError) as error:
+        parser.error(str(error))
+    from asign_sc._utils import resolve_device
+
+    try:
+        resolve_device(args.device)
+    except (ValueError, RuntimeError) as error:
+        parser.error(f"--device: {error}")
+    if not args.encoder.lower().startswith("obsm:"):
+        from asign_sc.models.encoders import get_encoder
+
+        try:
+            get_encoder(args.encoder)
+        except (ValueError, TypeError, KeyError, ImportError, OSError, RuntimeError) as error:
+            parser.error(f"--encoder {args.encoder}: {error}")
+
+
+def _stop_on_sigterm() -> Any:
+    """Turn SIGTERM into KeyboardInterrupt, so a stopped run cleans up its partial output."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,12 +14,27 @@ import numpy as np
 
 from asign_sc._errors import InvalidStackError
 from asign_sc._keys import Key
-from asign_sc._stack import SectionStack, resolve_stack, validate_counts
+from asign_sc._outputs import atomic_folder, check_output_folder
+from asign_sc._stack import (
+    SectionStack,
+    check_image_resolution,
+    get_table,
+    resolve_stack,
+    validate_counts,
+)
 
 if TYPE_CHECKING:
+    from anndata import AnnData
     from spatialdata import SpatialData
 
-__all__ = ["load_input", "run_pipeline", "stack_report", "write_zarr"]
+__all__ = [
+    "check_encoder",
+    "check_zarr_store",
+    "load_input",
+    "run_pipeline",
+    "stack_report",
+    "write_zarr",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +59,53 @@ def load_input(
 
         logger.info("reading her2st patient %s from %s", patient, her2st)
         return read_her2st(her2st, patient=patient)
-    if zarr is None or not Path(zarr).exists():
-        raise FileNotFoundError(f"No SpatialData zarr store at {zarr}.")
+    check_zarr_store(zarr)
     import spatialdata
 
     logger.info("reading %s", zarr)
-    return spatialdata.read_zarr(zarr)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return spatialdata.read_zarr(zarr)
+    except Exception as error:  # zarr, ome-zarr, anndata and json errors alike
+        raise InvalidStackError(
+            f"Could not read the SpatialData zarr store {zarr} ({type(error).__name__}: "
+            f"{error}). It may be incomplete (a run stopped while writing it); write it again."
+        ) from error
+
+
+def check_zarr_store(path: Path | None) -> None:
+    """Raise if ``path`` is not a zarr store (a folder with zarr group metadata).
+
+    Raises
+    ------
+    FileNotFoundError
+        Nothing at ``path``.
+    ValueError
+        A file, or a folder without ``zarr.json`` (zarr v3) or ``.zgroup`` (zarr v2).
+    """
+    if path is None or not Path(path).exists():
+        raise FileNotFoundError(f"No SpatialData zarr store at {path}.")
+    path = Path(path)
+    if not path.is_dir() or not any((path / m).is_file() for m in ("zarr.json", ".zgroup")):
+        what = "a file" if not path.is_dir() else "a folder without zarr.json or .zgroup"
+        raise ValueError(
+            f"{path} is not a SpatialData zarr store ({what}); pass a store written by "
+            "SpatialData.write, or use --her2st DIR / --demo."
+        )
+
+
+def check_encoder(data: AnnData | SpatialData, encoder: str) -> None:
+    """Raise ``ValueError`` if ``encoder="obsm:KEY"`` names embeddings the table lacks."""
+    if not encoder.lower().startswith("obsm:"):
+        return
+    key = encoder.split(":", 1)[1]
+    table = get_table(data)
+    if not key or key not in table.obsm:
+        raise ValueError(
+            f"--encoder {encoder}: the table has no obsm[{key!r}] (it has "
+            f"{sorted(table.obsm)}); name one of those, or an image encoder such as default."
+        )
 
 
 def stack_report(stack: SectionStack, known: Sequence[str]) -> list[dict[str, Any]]:
@@ -91,23 +147,30 @@ def run_pipeline(
     where the other sections have measured counts, score the imputation beside the
     baselines (:func:`asign_sc.tl.evaluate`).
 
-    Writes ``out/stack.zarr`` (the SpatialData with every result), ``out/model.pt``,
-    ``out/metrics.json`` and ``out/metrics.csv`` (scores per method), figures
+    Writes ``out/stack.zarr`` (the SpatialData with every result), ``out/model/`` (the model
+    folder), ``out/metrics.json`` and ``out/metrics.csv`` (scores per method), figures
     (``registration.png``, ``sections_<gene>.png``, ``training.png``, ``metrics.png``) and
     ``out/summary.json`` (the stack, the steps with their seconds, the outputs).
     Returns the summary.
-    """
-    from asign_sc import gr, tl
 
+    Everything is checked before the first step. The outputs are written into a temporary
+    folder beside ``out`` and moved into place when complete; with ``overwrite=True`` an
+    earlier result in ``out`` is replaced only then. A run that fails or is stopped leaves
+    ``out`` as it was (see :mod:`asign_sc._outputs`).
+    """
     out = Path(out)
-    store = out / "stack.zarr"
-    if store.exists() and not overwrite:
-        raise FileExistsError(f"{store} exists; pass --overwrite to replace it.")
+    check_output_folder(out, overwrite=overwrite)
     stack = resolve_stack(sdata, library_key=library_key, min_sections=2)
     known = list(known) if known else [stack.names[0]]
     for name in known:
         stack[name]  # raises a clear error for an unknown section name
-    validate_counts(stack.table, rows=np.concatenate([stack[name].rows for name in known]))
+    validate_counts(
+        stack.table, rows={name: stack[name].rows for name in known}, what="known sections"
+    )
+    try:
+        check_encoder(sdata, encoder)
+    except ValueError as error:
+        raise InvalidStackError(str(error)) from None
     report = stack_report(stack, known)
     _log_report(stack, report)
     missing = [s.name for s in stack if not s.has_image]
@@ -116,7 +179,43 @@ def run_pipeline(
             f"Sections {missing} have no image; asign-sc run needs the H&E image of every "
             "section (leave those sections out, or add their images)."
         )
-    out.mkdir(parents=True, exist_ok=True)
+    check_image_resolution(stack, spot_windows(stack)[0])
+    with atomic_folder(out, overwrite=overwrite) as work:
+        return _run_steps(
+            sdata,
+            stack=stack,
+            report=report,
+            work=work,
+            out=out,
+            known=known,
+            library_key=library_key,
+            encoder=encoder,
+            transform=transform,
+            epochs=epochs,
+            device=device,
+            seed=seed,
+        )
+
+
+def _run_steps(
+    sdata: SpatialData,
+    *,
+    stack: SectionStack,
+    report: list[dict[str, Any]],
+    work: Path,
+    out: Path,
+    known: list[str],
+    library_key: str,
+    encoder: str,
+    transform: str,
+    epochs: int,
+    device: str,
+    seed: int,
+) -> dict[str, Any]:
+    """The steps of :func:`run_pipeline`, writing into ``work`` (renamed to ``out`` later)."""
+    from asign_sc import gr, tl
+
+    store = work / "stack.zarr"
     timings: dict[str, float] = {}
 
     def step(name: str, func: Any, *args: Any, **kwargs: Any) -> Any:
@@ -156,20 +255,20 @@ def run_pipeline(
         seed=seed,
     )
     step("impute", tl.impute, sdata, model, device=device)
-    model.save(out / "model.pt")
+    model.save(work / "model")
 
-    outputs = {"zarr": str(store), "model": str(out / "model.pt")}
+    outputs = {"zarr": str(out / "stack.zarr"), "model": str(out / "model")}
     unknown = [s.name for s in stack if s.name not in known]
     metrics = None
     if unknown and _has_counts(stack, unknown):
         scores = step("evaluate", tl.evaluate, sdata, sections=unknown)
-        scores.to_csv(out / "metrics.csv", index=False)
+        scores.to_csv(work / "metrics.csv", index=False)
         overall = scores[scores["section"] == "all"]
         metrics = {
             method: dict(zip(group["metric"], group["value"].round(4), strict=True))
             for method, group in overall.groupby("method", sort=False)
         }
-        (out / "metrics.json").write_text(
+        (work / "metrics.json").write_text(
             json.dumps({"sections": unknown, "known_sections": known, "scores": metrics}, indent=2)
         )
         outputs |= {"metrics": str(out / "metrics.json"), "metrics_csv": str(out / "metrics.csv")}
@@ -183,10 +282,9 @@ def run_pipeline(
             )
     else:
         logger.info("no measured counts outside the known sections: nothing to score")
-    outputs["figures"] = step(
-        "figures", _figures, sdata, model, out, library_key, metrics is not None
-    )
-    step("write", write_zarr, sdata, store, overwrite=overwrite)
+    figures = step("figures", _figures, sdata, model, work, library_key, metrics is not None)
+    outputs["figures"] = [str(out / Path(path).name) for path in figures]
+    step("write", write_zarr, sdata, store)
 
     summary = {
         "sections": report,
@@ -198,7 +296,8 @@ def run_pipeline(
         "metrics": metrics,
         "outputs": outputs,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    # Written last: a folder with summary.json is a complete result (asign_sc._outputs).
+    (work / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.info("wrote %s", ", ".join(f"{k}={v}" for k, v in outputs.items()))
     return summary
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import spatialdata
@@ -18,6 +22,26 @@ def demo_run(tmp_path_factory):
     """One end-to-end demo run (few epochs: this tests the plumbing, not the model)."""
     out = tmp_path_factory.mktemp("demo")
     code = main(["run", "--demo", "--out", str(out), "--epochs", "3", "-q"])
+    return code, out
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    from asign_sc.datasets import synthetic_stack
+
+    sdata, _ = synthetic_stack(n_sections=3, n_spots_per_section=50, image_size=256, n_genes=12)
+    store = tmp_path_factory.mktemp("store") / "small.zarr"
+    write_zarr(sdata, store)
+    return store
+
+
+@pytest.fixture(scope="module")
+def small_run(small_store, tmp_path_factory):
+    """A run on a small stored stack, known section S2 (few epochs: plumbing, not the model)."""
+    out = tmp_path_factory.mktemp("small") / "run1"
+    code = main(
+        ["run", str(small_store), "--known", "S2", "--epochs", "2", "--out", str(out), "-q"]
+    )
     return code, out
 
 
@@ -51,7 +75,8 @@ def test_demo_run_writes_every_output(demo_run):
     assert metrics["scores"]["mean"]["pcc_gene"] == 0.0
     for figure in summary["outputs"]["figures"]:
         assert (out / figure.split("/")[-1]).stat().st_size > 10_000
-    assert (out / "model.pt").is_file()
+    model = Path(summary["outputs"]["model"])
+    assert model.exists() and model.parent == out
     stored = spatialdata.read_zarr(out / "stack.zarr")
     table = stored.tables["table"]
     for key in ("spatial_aligned", "X_asign_spot", "X_asign_region_tokens", "asign"):
@@ -60,23 +85,20 @@ def test_demo_run_writes_every_output(demo_run):
     assert {"asign_registration", "spatial3d_neighbors", "asign", "asign_eval"} <= set(table.uns)
 
 
-def test_existing_output_is_not_overwritten(demo_run):
+def test_existing_output_is_not_overwritten(demo_run, capsys):
     _, out = demo_run
-    assert main(["run", "--demo", "--out", str(out), "-q"]) == 1
+    before = (out / "summary.json").read_text()
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--demo", "--out", str(out), "-q"])
+    assert exit_.value.code == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert (out / "summary.json").read_text() == before
 
 
-def test_zarr_input_and_bad_section(tmp_path, capsys):
-    from asign_sc.datasets import synthetic_stack
-
-    sdata, _ = synthetic_stack(n_sections=3, n_spots_per_section=50, image_size=256, n_genes=12)
-    store = tmp_path / "small.zarr"
-    write_zarr(sdata, store)
-    args = ["run", str(store), "--epochs", "2", "-q"]
-    assert main([*args, "--known", "S2", "--out", str(tmp_path / "b")]) == 0
-    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
-    assert metrics["sections"] == ["S1", "S3"]
+def test_zarr_input_and_bad_section(small_store, tmp_path, capsys):
+    args = ["run", str(small_store), "--epochs", "2", "-q"]
     assert main([*args, "--known", "S7", "--out", str(tmp_path / "c")]) == 1
     assert "Unknown section 'S7'" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
 
 
 def test_argument_errors_exit_2(tmp_path):
@@ -85,9 +107,97 @@ def test_argument_errors_exit_2(tmp_path):
     assert exit_.value.code == 2
 
 
-def test_missing_store_exits_1(tmp_path, capsys):
-    assert main(["run", str(tmp_path / "nope.zarr"), "--out", str(tmp_path / "o"), "-q"]) == 1
-    assert "No SpatialData zarr store" in capsys.readouterr().err
+def _bad_inputs(tmp_path):
+    (tmp_path / "file.zarr").write_text("not a store")
+    (tmp_path / "empty.zarr").mkdir()
+    her2st = tmp_path / "her2st"
+    (her2st / "counts").mkdir(parents=True)
+    for name in ("C1", "C2", "D1"):
+        (her2st / "counts" / f"{name}.tsv.gz").write_text("")
+    return her2st
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--demo", "--epochs", "0"], "--epochs must be at least 1, got 0"),
+        (["--demo", "--epochs", "-5"], "--epochs must be at least 1, got -5"),
+        (["--demo", "--device", "foo"], "'foo' is not a torch device"),
+        (["--demo", "--seed", "-1"], "--seed must be a non-negative"),
+        (["--demo", "--encoder", "obsm:"], "needs a key"),
+        (["--demo", "--encoder", "no_such_net"], "Unknown encoder 'no_such_net'"),
+        (["--demo", "--patient", "C"], "--patient applies to --her2st only"),
+        (["{tmp}/nope.zarr"], "No SpatialData zarr store"),
+        (["{tmp}/file.zarr"], r"is not a SpatialData zarr store \(a file\)"),
+        (["{tmp}/empty.zarr"], "a folder without zarr.json"),
+        (["--her2st", "{tmp}/her2st", "--patient", ""], "is empty"),
+        (["--her2st", "{tmp}/her2st", "--patient", "Z"], r"patients there: \['C', 'D'\]"),
+        (["--her2st", "{tmp}/her2st", "--patient", "C2"], "looks like a section name"),
+        (["--her2st", "{tmp}/nowhere", "--patient", "C"], "no 'counts/' folder"),
+    ],
+)
+def test_bad_arguments_exit_2_before_any_work(tmp_path, capsys, args, match):
+    _bad_inputs(tmp_path)
+    out = tmp_path / "out"
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", *args, "--out", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert re.search(match, err.strip().splitlines()[-1]), err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_missing_embeddings_key_exits_2_before_registration(small_store, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", str(small_store), "--encoder", "obsm:missing", "--out", str(out), "-q"])
+    assert exit_.value.code == 2
+    assert "the table has no obsm['missing']" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unreadable_store_is_reported_with_its_path(tmp_path, capsys):
+    store = tmp_path / "broken.zarr"
+    store.mkdir()
+    (store / "zarr.json").write_text("{ truncated")
+    assert main(["run", str(store), "--out", str(tmp_path / "o"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert f"Could not read the SpatialData zarr store {store}" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_rerun_on_its_own_output_and_a_stopped_rerun_keep_a_complete_result(
+    small_run, monkeypatch, capsys
+):
+    import asign_sc._pipeline as pipeline
+
+    code, out = small_run
+    assert code == 0
+    first = json.loads((out / "summary.json").read_text())
+    assert json.loads((out / "metrics.json").read_text())["sections"] == ["S1", "S3"]
+    (out / "sections_STALE.png").write_text("from an older run")
+    args = ["--epochs", "2", "--out", str(out), "-q", "--overwrite"]
+    # the issue's "target path in use": read the previous result and replace it
+    assert main(["run", str(out / "stack.zarr"), "--known", "S1", *args]) == 0
+    second = json.loads((out / "summary.json").read_text())
+    assert first["known_sections"] == ["S2"] and second["known_sections"] == ["S1"]
+    assert not (out / "sections_STALE.png").exists()
+    assert second["outputs"]["zarr"] == str(out / "stack.zarr")
+
+    real_write = pipeline.write_zarr
+
+    def stopped_while_writing(sdata, path, **kwargs):
+        real_write(sdata, path, **kwargs)  # the store is written, then SIGTERM arrives
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(pipeline, "write_zarr", stopped_while_writing)
+    code = main(["run", str(out / "stack.zarr"), "--known", "S3", *args])
+    assert code == 130 and "stopped; nothing was written" in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text()) == second
+    assert sorted(p.name for p in out.parent.iterdir()) == ["run1"]  # no temporary folders
+    table = spatialdata.read_zarr(out / "stack.zarr").tables["table"]
+    assert "asign" in table.layers and "spatial_aligned" in table.obsm
 
 
 def test_version():
@@ -105,7 +215,10 @@ def test_logs_our_steps_but_not_other_libraries_chatter(tmp_path):
     code = (
         "import logging, sys\n"
         "from asign_sc._cli import main\n"
-        f"main(['run', {str(tmp_path / 'nope.zarr')!r}, '--out', {str(tmp_path / 'o')!r}])\n"
+        "try:\n"
+        f"    main(['run', {str(tmp_path / 'nope.zarr')!r}, '--out', {str(tmp_path / 'o')!r}])\n"
+        "except SystemExit:\n"
+        "    pass\n"
         "print(logging.getLogger('asign_sc._pipeline').isEnabledFor(logging.INFO),\n"
         "      logging.getLogger('faiss.loader').isEnabledFor(logging.INFO))\n"
     )
