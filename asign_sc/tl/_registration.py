@@ -8,8 +8,10 @@ and refined with ANTs.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -49,6 +51,14 @@ _KEYPOINT_DICE_SLACK = 0.1
 _ANTS_DICE_DROP = 0.05
 #: Smoothing (fraction of the long image side) of the stain channels compared in the QC.
 _QC_SIGMA = 0.005
+#: Smoothing of the stain channels compared by the stacking-order check: tissue regions,
+#: which change slowly through a volume, not structures that differ from cut to cut.
+_ORDER_SIGMA = 0.02
+#: Another order of a sample's sections whose neighbours match better, by more than this
+#: (sum of NCC over neighbour pairs), makes the given stacking order suspect.
+_ORDER_MARGIN = 0.1
+#: Stacks up to this many sections get the best order by exhaustive search (else greedy).
+_ORDER_EXHAUSTIVE = 8
 
 PointMap = Callable[[np.ndarray], np.ndarray]
 
@@ -85,9 +95,11 @@ def register_sections(
     keypoint_max_side: int = 400,
     matrices: Mapping[str, np.ndarray] | None = None,
     seed: int = 0,
-    progress: bool = True,
+    check_order: bool = True,
+    show_progress_bar: bool = True,
     key_added: str = Key.sdata.aligned,
     copy: bool = False,
+    progress: bool | None = None,
 ) -> AnnData | SpatialData | None:
     """Register the sections of a stack onto a reference section from their H&E images.
 
@@ -155,13 +167,22 @@ def register_sections(
         only read that key.
     seed
         Seed of RANSAC and of ANTs' metric sampling.
-    progress
+    check_order
+        After registering, compare every pair of sections of a sample in the aligned frame
+        (smoothed stain channels, on the downsampled images already made): when another
+        order of the sections has clearly better-matching neighbours, warn, naming it. The QC table has the columns
+        either way (adjacent sections of a volume resemble each other most; a stack in the
+        wrong order still registers pairwise, with a plausible Dice, but its spots end up
+        in the wrong places).
+    show_progress_bar
         Show a progress bar over the section pairs.
     key_added
         Name of the coordinate system written to the SpatialData's images and spots. The
         ``obsm``/``uns`` keys follow from it (:func:`registration_key`).
     copy
         Return a registered copy instead of writing into ``data``.
+    progress
+        Former name of ``show_progress_bar`` (deprecated).
 
     Returns
     -------
@@ -191,6 +212,13 @@ def register_sections(
         these use the affine part;
       - ``dice_reference_before``, ``dice_reference_after``: with the reference
         section, through the composed transform;
+      - ``order_neighbour_similarity``: the best similarity (NCC of the stain channels
+        smoothed by 2 % of the image side, over the tissue both share) with a given
+        neighbour, in the aligned frame; ``order_best_match`` and
+        ``order_best_similarity``: the most similar section of the sample;
+        ``order_suspect``: the section has other neighbours in an order of the sample whose
+        neighbour similarities sum to more than the given order's (by over 0.1; with
+        ``check_order``), which is then added to the ``uns`` entry as ``suggested_order``;
       - ``seconds``: time spent on the pair.
 
     Raises
@@ -207,6 +235,13 @@ def register_sections(
     ANTs uses as many threads as ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` allows (all
     cores by default); set that environment variable to share a machine.
     """
+    if progress is not None:
+        warnings.warn(
+            "register_sections(progress=) is deprecated; use show_progress_bar=.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        show_progress_bar = progress
     if transform not in _TRANSFORMS:
         raise ValueError(f"transform must be one of {_TRANSFORMS}, got {transform!r}.")
     if init not in _INITS:
@@ -270,7 +305,7 @@ def register_sections(
         ]
         from tqdm.auto import tqdm
 
-        for moving, target in tqdm(pairs, desc="registering", disable=not progress):
+        for moving, target in tqdm(pairs, desc="registering", disable=not show_progress_bar):
             matrix, point_map, record = _register_pair(
                 prepared[moving], prepared[target], **options
             )
@@ -283,8 +318,11 @@ def register_sections(
         composed = _compose(groups, references, pair_matrices)
 
     aligned = _aligned_spots(stack, groups, references, pair_matrices, point_maps, composed)
+    suggested: dict[str | None, list[str]] = {}
     if prepared:
         _reference_qc(prepared, groups, references, composed, records)
+        if check_order:
+            suggested = _order_check(prepared, groups, composed, records, allow_flip=allow_flip)
     _write(
         stack,
         composed=composed,
@@ -304,9 +342,11 @@ def register_sections(
             "min_inliers": min_inliers,
             "keypoint_max_side": keypoint_max_side,
             "seed": seed,
+            "check_order": check_order,
             "key_added": key_added,
         },
         key_added=key_added,
+        suggested=suggested,
     )
     return data if copy else None
 
@@ -525,7 +565,13 @@ def _rotation_deg(matrix: np.ndarray) -> float:
     return float(np.degrees(np.arctan2(linear[1, 0], linear[0, 0])))
 
 
-def _pair_similarity(moving: PreparedSection, fixed: PreparedSection, matrix: np.ndarray) -> dict:
+def _pair_similarity(
+    moving: PreparedSection,
+    fixed: PreparedSection,
+    matrix: np.ndarray,
+    *,
+    sigma_fraction: float = _QC_SIGMA,
+) -> dict:
     """Tissue Dice, NCC and NMI of the moving section mapped by ``matrix`` onto the fixed one.
 
     NCC and NMI compare the stain channels over the tissue both sections share, smoothed
@@ -541,7 +587,7 @@ def _pair_similarity(moving: PreparedSection, fixed: PreparedSection, matrix: np
     out = {"dice": dice(warped_mask, fixed.mask), "ncc": float("nan"), "nmi": float("nan")}
     if shared.sum() < 16:
         return out
-    sigma = _QC_SIGMA * max(shape)
+    sigma = sigma_fraction * max(shape)
     warped = ndi.gaussian_filter(
         warp_to(moving.channel, matrix, moving.scale, fixed.scale, shape, order=1), sigma
     )
@@ -616,6 +662,105 @@ def _reference_qc(
             )
 
 
+def _order_check(
+    prepared: dict[str, PreparedSection],
+    groups: dict[str | None, list[str]],
+    composed: dict[str, np.ndarray],
+    records: dict[str, dict],
+    *,
+    allow_flip: bool,
+) -> dict[str | None, list[str]]:
+    """Compare every pair of sections in the aligned frame; flag a suspect stacking order.
+
+    Returns the order the images suggest, per sample whose order is suspect.
+    """
+    suggested = {}
+    for sample, names in groups.items():
+        n = len(names)
+        similarity = np.full((n, n), np.nan)
+        for i, j in itertools.combinations(range(n), 2):
+            a, b = prepared[names[i]], prepared[names[j]]
+            # Given neighbours: their own registration (chained through the stack, it maps
+            # one onto the other). Other pairs: the better of the chained map and their own
+            # tissue-moment fit, which does not depend on the given order.
+            matrices = [np.linalg.inv(composed[b.name]) @ composed[a.name]]
+            if j - i > 1:
+                matrices.append(moment_init(a, b, allow_flip=allow_flip, n_angles=36).matrix)
+            similarity[i, j] = similarity[j, i] = _nanmax(
+                [_pair_similarity(a, b, m, sigma_fraction=_ORDER_SIGMA)["ncc"] for m in matrices]
+            )
+        logger.debug("Stacking-order check, NCC between sections %s:\n%s", names, similarity)
+        scores = np.nan_to_num(similarity, nan=-1.0)
+        order = _likely_order(scores)
+        if order[0] > order[-1]:
+            order = order[::-1]  # of the two directions, the one closer to the given order
+        gain = sum(scores[a, b] for a, b in itertools.pairwise(order)) - sum(
+            scores[i, i + 1] for i in range(n - 1)
+        )
+        reordered = order not in (list(range(n)), list(range(n))[::-1])
+        suspect = reordered and gain > _ORDER_MARGIN
+        position = {k: p for p, k in enumerate(order)}
+        for i, name in enumerate(names):
+            neighbours = [j for j in (i - 1, i + 1) if 0 <= j < n]
+            best = int(np.argmax(np.where(np.eye(n, dtype=bool)[i], -np.inf, scores[i])))
+            suggested_neighbours = {k for k in order if abs(position[k] - position[i]) == 1}
+            records[name].update(
+                order_neighbour_similarity=_nanmax([similarity[i, j] for j in neighbours]),
+                order_best_match=names[best],
+                order_best_similarity=float(similarity[i, best]),
+                order_suspect=bool(suspect and suggested_neighbours != set(neighbours)),
+            )
+        if not suspect:
+            continue
+        suggested[sample] = [names[k] for k in order]
+        logger.warning(
+            "Sections%s may be out of stacking order: placed as %s, neighbouring sections "
+            "match worse (sum of NCC of the aligned images %.2f lower) than in the order %s. "
+            "If that is the true order, give the sections in it (the categories of "
+            "obs[library_key], or sections=) and register again; see order_* in the "
+            "registration QC table.",
+            "" if sample is None else f" of sample {sample!r}",
+            names,
+            gain,
+            suggested[sample],
+        )
+    return suggested
+
+
+def _nanmax(values: Sequence[float]) -> float:
+    finite = [float(v) for v in values if np.isfinite(v)]
+    return max(finite) if finite else float("nan")
+
+
+def _likely_order(scores: np.ndarray) -> list[int]:
+    """The path through all sections with the largest sum of neighbour similarities."""
+    n = len(scores)
+    if n <= _ORDER_EXHAUSTIVE:
+        best, best_total = list(range(n)), -np.inf
+        for path in itertools.permutations(range(n)):
+            if path[0] > path[-1]:
+                continue  # each path once (its reverse is the same stack)
+            total = sum(scores[a, b] for a, b in itertools.pairwise(path))
+            if total > best_total:
+                best, best_total = list(path), total
+        return best
+    # greedy: grow a chain from the most similar pair, at whichever end fits best
+    i, j = np.unravel_index(
+        np.argmax(np.where(np.eye(n, dtype=bool), -np.inf, scores)), scores.shape
+    )
+    chain, left = [int(i), int(j)], set(range(n)) - {int(i), int(j)}
+    while left:
+        head = max(left, key=lambda k: scores[chain[0], k])
+        tail = max(left, key=lambda k: scores[chain[-1], k])
+        if scores[chain[0], head] > scores[chain[-1], tail]:
+            chain.insert(0, head)
+            left.remove(head)
+        else:
+            chain.append(tail)
+            left.remove(tail)
+    return chain
+
+
 def _write(
     stack: SectionStack,
     *,
@@ -627,6 +772,7 @@ def _write(
     groups: dict[str | None, list[str]],
     params: dict,
     key_added: str,
+    suggested: dict[str | None, list[str]],
 ) -> None:
     obsm_key, uns_key = registration_key(key_added)
     for name, matrix in composed.items():
@@ -647,6 +793,12 @@ def _write(
         "qc": qc,
         "params": sanitize_uns(params),
     }
+    if suggested:
+        table.uns[uns_key]["suggested_order"] = (
+            np.asarray(next(iter(suggested.values())), dtype=object)
+            if len(suggested) == 1
+            else {str(k): np.asarray(v, dtype=object) for k, v in suggested.items()}
+        )
     extra = (
         f" and a transformation to coordinate system {key_added!r} on each section's "
         "image and spots"
@@ -690,6 +842,10 @@ def _qc_frame(
         "nmi_after",
         "dice_reference_before",
         "dice_reference_after",
+        "order_neighbour_similarity",
+        "order_best_match",
+        "order_best_similarity",
+        "order_suspect",
         "seconds",
     ]
     frame = pd.DataFrame(rows, index=pd.Index(names, name="section")).reindex(columns=columns)
@@ -697,6 +853,8 @@ def _qc_frame(
     frame["path"] = frame["path"].fillna("").astype(str)
     frame["note"] = frame["note"].fillna("").astype(str)
     frame["flipped"] = frame["flipped"].fillna(False).astype(bool)
+    frame["order_best_match"] = frame["order_best_match"].fillna("").astype(str)
+    frame["order_suspect"] = frame["order_suspect"].fillna(False).astype(bool)
     for column in ("n_matches", "n_inliers"):
         frame[column] = frame[column].fillna(0).astype(int)
     return frame

@@ -118,7 +118,7 @@ def registered_rigid():
         _rigid(-95.0, 40.0, 50.0, flip=True),
     ]
     sdata, truth = rigid_stack(placements)
-    register_sections(sdata, max_side=320, progress=False)
+    register_sections(sdata, max_side=320, show_progress_bar=False)
     return sdata, truth
 
 
@@ -157,7 +157,7 @@ def test_matrices_and_spatialdata_transformations_agree(registered_rigid):
 def test_moments_only_and_keypoint_paths_agree():
     placements = [_rigid(0.0), _rigid(-160.0, 30.0, 10.0, flip=True)]
     sdata, truth = rigid_stack(placements, seed=1)
-    register_sections(sdata, init="moments", max_side=320, progress=False, reference="R1")
+    register_sections(sdata, init="moments", max_side=320, show_progress_bar=False, reference="R1")
     qc = sdata.tables["table"].uns["asign_registration"]["qc"]
     assert qc.loc["R2", "path"] == "moments + ants"
     assert qc.loc["R2", "flipped"]
@@ -166,7 +166,7 @@ def test_moments_only_and_keypoint_paths_agree():
 
 def test_keypoints_fall_back_to_moments_when_too_few_inliers():
     sdata, truth = rigid_stack([_rigid(0.0), _rigid(70.0, -20.0, 0.0)], seed=2)
-    register_sections(sdata, min_inliers=100_000, max_side=320, progress=False)
+    register_sections(sdata, min_inliers=100_000, max_side=320, show_progress_bar=False)
     qc = sdata.tables["table"].uns["asign_registration"]["qc"]
     moved = qc.index[qc["path"] != "reference"][0]
     assert qc.loc[moved, "path"] == "moments + ants"
@@ -176,7 +176,9 @@ def test_keypoints_fall_back_to_moments_when_too_few_inliers():
 
 def test_no_flip_allowed_keeps_proper_rotations():
     sdata, truth = rigid_stack([_rigid(0.0), _rigid(-100.0, 0.0, 0.0, flip=True)], seed=1)
-    register_sections(sdata, allow_flip=False, max_side=320, progress=False, reference="R1")
+    register_sections(
+        sdata, allow_flip=False, max_side=320, show_progress_bar=False, reference="R1"
+    )
     record = sdata.tables["table"].uns["asign_registration"]
     assert np.linalg.det(record["matrices"]["R2"][:2, :2]) > 0
     assert not record["qc"]["flipped"].any()
@@ -188,7 +190,9 @@ def test_affine_and_syn_write_consistent_results():
     from spatialdata import transform
 
     sdata, truth = rigid_stack([_rigid(0.0), _rigid(35.0, 20.0, -10.0)], seed=4)
-    register_sections(sdata, transform="affine", max_side=320, progress=False, key_added="affine")
+    register_sections(
+        sdata, transform="affine", max_side=320, show_progress_bar=False, key_added="affine"
+    )
     table = sdata.tables["table"]
     assert "spatial_affine" in table.obsm and "asign_registration_affine" in table.uns
     section = resolve_stack(sdata)["R1"]  # R2, the middle of two, is the reference
@@ -198,7 +202,9 @@ def test_affine_and_syn_write_consistent_results():
         table.obsm["spatial_affine"][section.rows],
         atol=1e-6,
     )
-    register_sections(sdata, transform="syn", max_side=320, progress=False, key_added="syn")
+    register_sections(
+        sdata, transform="syn", max_side=320, show_progress_bar=False, key_added="syn"
+    )
     record = table.uns["asign_registration_syn"]
     assert record["params"]["transform"] == "syn"
     # the spots follow the warp, so they differ slightly from the affine part ...
@@ -217,7 +223,7 @@ def test_affine_and_syn_write_consistent_results():
 # -- synthetic_stack (sections that differ, as real adjacent sections do) --------------------
 def test_synthetic_stack_with_flips_and_large_rotations(synthetic_small):
     sdata, truth = synthetic_small
-    register_sections(sdata, max_side=256, progress=False)
+    register_sections(sdata, max_side=256, show_progress_bar=False)
     qc = sdata.tables["table"].uns["asign_registration"]["qc"]
     ref = sdata.tables["table"].uns["asign_registration"]["reference"]
     for name in qc.index:
@@ -233,7 +239,7 @@ def test_each_sample_is_registered_onto_its_own_reference():
     sdata, truth = rigid_stack(placements, size=200, seed=7)
     table = sdata.tables["table"]
     table.obs["sample"] = np.where(table.obs["section"].isin(["R1", "R2"]), "A", "B")
-    register_sections(sdata, sample_key="sample", max_side=200, progress=False)
+    register_sections(sdata, sample_key="sample", max_side=200, show_progress_bar=False)
     record = table.uns["asign_registration"]
     assert dict(record["reference"]) == {"A": "R2", "B": "R4"}
     qc = record["qc"]
@@ -246,13 +252,13 @@ def test_each_sample_is_registered_onto_its_own_reference():
         got = table.obsm["spatial_aligned"][stack[moving].rows]
         assert np.linalg.norm(got - expected[:, :2], axis=1).max() < 2.0
     with pytest.raises(InvalidStackError, match="samples"):
-        register_sections(sdata, sample_key="sample", reference="R2", progress=False)
+        register_sections(sdata, sample_key="sample", reference="R2", show_progress_bar=False)
 
 
 # -- storage, copy, user matrices ------------------------------------------------------------
 def test_copy_leaves_input_untouched_and_uns_is_writable(tmp_path):
     sdata, _ = rigid_stack([_rigid(0.0), _rigid(20.0, 10.0, 0.0)], seed=5)
-    out = register_sections(sdata, copy=True, max_side=320, progress=False)
+    out = register_sections(sdata, copy=True, max_side=320, show_progress_bar=False)
     assert "spatial_aligned" not in sdata.tables["table"].obsm
     table = out.tables["table"]
     assert table.obsm["spatial_aligned"].shape == (table.n_obs, 2)
@@ -285,7 +291,7 @@ def test_user_matrices_skip_registration_and_need_no_images():
         uns={"spatial": {s: {"scalefactors": {"spot_diameter_fullres": 5.0}} for s in "ab"}},
     )
     shift = _rigid(90.0, 100.0, 0.0)
-    register_sections(adata, matrices={"a": np.eye(3), "b": shift[:2]}, progress=False)
+    register_sections(adata, matrices={"a": np.eye(3), "b": shift[:2]}, show_progress_bar=False)
     record = adata.uns["asign_registration"]
     np.testing.assert_allclose(record["matrices"]["b"], shift)
     np.testing.assert_allclose(
@@ -303,7 +309,7 @@ def two_sections():
 def test_one_section_is_refused(two_sections):
     sdata, _ = two_sections
     with pytest.raises(InvalidStackError, match="at least 2"):
-        register_sections(sdata, sections=["R1"], progress=False)
+        register_sections(sdata, sections=["R1"], show_progress_bar=False)
 
 
 def test_missing_image_is_refused(two_sections):
@@ -316,7 +322,7 @@ def test_missing_image_is_refused(two_sections):
         tables={"table": sdata.tables["table"].copy()},
     )
     with pytest.raises(InvalidStackError, match="R2"):
-        register_sections(no_image, progress=False)
+        register_sections(no_image, show_progress_bar=False)
 
 
 def test_blank_image_is_refused(two_sections):
@@ -341,7 +347,7 @@ def test_blank_image_is_refused(two_sections):
         },
     )
     with pytest.raises(InvalidStackError, match="No tissue found in the image of section 'R2'"):
-        register_sections(adata, progress=False)
+        register_sections(adata, show_progress_bar=False)
 
 
 @pytest.mark.parametrize(
@@ -360,7 +366,7 @@ def test_blank_image_is_refused(two_sections):
 def test_bad_arguments_are_refused(two_sections, kwargs, error, match):
     sdata, _ = two_sections
     with pytest.raises(error, match=match):
-        register_sections(sdata, progress=False, **kwargs)
+        register_sections(sdata, show_progress_bar=False, **kwargs)
 
 
 # -- real data -------------------------------------------------------------------------------
@@ -401,7 +407,7 @@ def _light_copy(sdata, max_side: int = 1000):
 @pytest.mark.slow
 def test_her2st_patient_c_sections_land_on_each_other(her2st_c):
     sdata = _light_copy(her2st_c)
-    register_sections(sdata, progress=False)
+    register_sections(sdata, show_progress_bar=False)
     record = sdata.tables["table"].uns["asign_registration"]
     qc = record["qc"]
     assert record["reference"] == "C4"
@@ -418,3 +424,41 @@ def test_her2st_patient_c_sections_land_on_each_other(her2st_c):
     # same spot pitch in the aligned frame (rigid: distances preserved)
     aligned = sdata.tables["table"].obsm["spatial_aligned"]
     assert np.isfinite(aligned).all()
+
+
+# -- stacking order ----------------------------------------------------------------------------
+def test_identical_sections_raise_no_order_warning(registered_rigid):
+    qc = registered_rigid[0].tables["table"].uns["asign_registration"]["qc"]
+    for column in ("order_neighbour_similarity", "order_best_match", "order_best_similarity"):
+        assert column in qc
+    assert not qc["order_suspect"].any()
+    assert "suggested_order" not in registered_rigid[0].tables["table"].uns["asign_registration"]
+
+
+def test_sections_in_the_wrong_order_are_flagged_with_the_likely_order(caplog):
+    from asign_sc.datasets import synthetic_stack
+
+    # one volume cut into 4 sections: neighbours resemble each other most
+    sdata, _ = synthetic_stack(n_sections=4, n_spots_per_section=40, image_size=320, seed=1)
+    options = {"max_side": 320, "allow_flip": False, "show_progress_bar": False}
+    with caplog.at_level("WARNING", logger="asign_sc.tl._registration"):
+        register_sections(sdata, **options)
+    entry = sdata.tables["table"].uns["asign_registration"]
+    assert not entry["qc"]["order_suspect"].any() and "suggested_order" not in entry
+    assert "stacking order" not in caplog.text
+
+    with caplog.at_level("WARNING", logger="asign_sc.tl._registration"):
+        register_sections(sdata, sections=["S1", "S3", "S2", "S4"], **options)
+    entry = sdata.tables["table"].uns["asign_registration"]
+    assert entry["qc"].loc[["S3", "S2"], "order_suspect"].all()
+    assert entry["qc"].loc["S1", "order_best_match"] == "S2"
+    assert list(entry["suggested_order"]) == ["S1", "S2", "S3", "S4"]
+    assert "may be out of stacking order" in caplog.text
+    assert "in the order ['S1', 'S2', 'S3', 'S4']" in caplog.text
+
+
+def test_progress_keyword_is_deprecated_not_dropped(registered_rigid):
+    matrices = {s: np.eye(3) for s in ("R1", "R2", "R3")}
+    with pytest.warns(FutureWarning, match="show_progress_bar"):
+        out = register_sections(registered_rigid[0], matrices=matrices, progress=False, copy=True)
+    assert out.tables["table"].uns["asign_registration"]["params"]["transform"] == "user"
