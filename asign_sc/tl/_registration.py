@@ -170,10 +170,10 @@ def register_sections(
     check_order
         After registering, compare every pair of sections of a sample in the aligned frame
         (smoothed stain channels, on the downsampled images already made): when another
-        order of the sections has clearly better-matching neighbours, warn, naming it. The QC table has the columns
-        either way (adjacent sections of a volume resemble each other most; a stack in the
-        wrong order still registers pairwise, with a plausible Dice, but its spots end up
-        in the wrong places).
+        order of the sections has clearly better-matching neighbours, warn, naming it. The
+        QC table has the columns either way. (Adjacent sections of a volume resemble each
+        other most; a stack in the wrong order still registers pairwise, with a plausible
+        Dice, but its spots end up in the wrong places.)
     show_progress_bar
         Show a progress bar over the section pairs.
     key_added
