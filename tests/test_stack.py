@@ -298,3 +298,15 @@ def test_unconvertible_images_are_refused_naming_the_dtype(image, match):
 
     with pytest.raises(InvalidStackError, match=match):
         to_uint8_rgb(image, what="The image of section 'S1'")
+
+
+def test_spot_windows_of_a_few_pixels_warn(caplog):
+    from asign_sc._stack import check_image_resolution
+
+    adata = _legacy(image=True)  # spot diameter 40 px, images at scale 0.5
+    stack = resolve_stack(adata)
+    with caplog.at_level("WARNING", logger="asign_sc._stack"):
+        assert check_image_resolution(stack, window=60.0) == []  # 30 image px
+        assert caplog.text == ""
+        assert check_image_resolution(stack, window=12.0) == ["s2", "s1", "s0"]  # 6 image px
+    assert "only 6.0, 6.0, 6.0 px wide" in caplog.text
