@@ -171,20 +171,7 @@ def extract_features(
     data = copy_data(data) if copy else data
     windows = _check_windows(windows)
     grid = _check_tokens(tokens)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
-    if n_jobs is not None and n_jobs < 1:
-        raise ValueError(f"n_jobs must be a positive integer or None, got {n_jobs}.")
-    if n_components is not None and (int(n_components) != n_components or n_components < 1):
-        raise ValueError(f"n_components must be a positive integer or None, got {n_components!r}.")
-    if client is not None and not callable(getattr(client, "submit", None)):
-        raise TypeError(
-            f"client must be a dask.distributed.Client (or None), got {type(client).__name__}."
-        )
-    if window_unit not in ("px", "um"):
-        raise ValueError(f"window_unit must be 'px' or 'um', got {window_unit!r}.")
-    if precision not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"precision must be 'auto', 'float32' or 'bfloat16', got {precision!r}.")
+    _check_options(batch_size, n_jobs, n_components, client, window_unit, precision)
     precomputed = isinstance(encoder, str) and encoder.lower().startswith("obsm:")
     stack = resolve_stack(data, library_key=library_key, require_images=not precomputed)
     table = stack.table
@@ -200,71 +187,135 @@ def extract_features(
             "pretrained": "unknown",
         }
     else:
-        enc = get_encoder(encoder, weights=weights)
-        size = int(input_size or enc.input_size)
-        if client is None:
-            resolve_device(device)  # a bad device fails here, before any image is read
-        extractor = _Extractor(
-            enc,
-            device=device,
-            precision=precision,
-            input_size=size,
+        result, record = _embed_images(
+            stack,
+            frame_windows,
+            get_encoder(encoder, weights=weights),
+            input_size=input_size,
             grid=grid,
             batch_size=batch_size,
+            device=device,
+            precision=precision,
+            cache_dir=cache_dir,
             n_jobs=n_jobs,
+            client=client,
+            show_progress_bar=show_progress_bar,
         )
-        cache = None
-        if cache_dir is not None and enc.fingerprint is None:
-            warnings.warn(
-                "cache_dir is ignored: the encoder is a plain callable whose weights cannot be "
-                "hashed, so cached features could be stale. Pass a torch.nn.Module instead.",
-                UserWarning,
-                stacklevel=2,
-            )
-        elif cache_dir is not None:
-            cache = _Cache(cache_dir)
-        result = _from_images(stack, extractor, frame_windows, cache, client, show_progress_bar)
-        record = {
-            "encoder": enc.name,
-            "weights": enc.weights,
-            "pretrained": enc.pretrained,
-            "fingerprint": enc.fingerprint,
-            "input_size": size,
-            "mean": enc.mean,
-            "std": enc.std,
-            "device": ", ".join(result.devices),
-            "precision": ", ".join(result.precisions),
-            "batch_size": batch_size,
-            "n_jobs": n_jobs if client is not None else (n_jobs or torch.get_num_threads()),
-            "client": None if client is None else _describe_client(client),
-            "tiles": result.n_tiles,
-            "tile_px": _TILE_PX,
-            "cache_dir": str(cache_dir) if cache_dir is not None else None,
-            "cache_hits": result.cache_hits,
-            "encoder_params": enc.params,
-        }
-        if result.pyramid_scale:
-            record["pyramid_scale"] = result.pyramid_scale
 
     if n_components is not None:
         record["pca"] = _reduce(result, n_components)
 
-    for level in LEVELS:
-        table.obsm[Key.obsm.features(key_added, level)] = result.pooled[level]
-        table.obsm[Key.obsm.tokens(key_added, level)] = result.tokens[level]
-        table.obs[Key.obs.window_padding(key_added, level)] = result.padding[level]
     record.update(
         {
-            "levels": list(LEVELS),
             "windows": [float(w) for w in windows],
             "window_unit": window_unit,
             "windows_px": {s: [float(v) for v in frame_windows[s]] for s in frame_windows},
             "tokens": list(grid),
-            "dim": int(result.pooled["spot"].shape[1]),
             "library_key": library_key,
             "seconds": round(time.perf_counter() - start, 3),
         }
     )
+    _write_features(table, result, record, key_added)
+    return data if copy else None
+
+
+def _check_options(
+    batch_size: int,
+    n_jobs: int | None,
+    n_components: int | None,
+    client: Client | None,
+    window_unit: str,
+    precision: str,
+) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+    if n_jobs is not None and n_jobs < 1:
+        raise ValueError(f"n_jobs must be a positive integer or None, got {n_jobs}.")
+    if n_components is not None and (int(n_components) != n_components or n_components < 1):
+        raise ValueError(f"n_components must be a positive integer or None, got {n_components!r}.")
+    if client is not None and not callable(getattr(client, "submit", None)):
+        raise TypeError(
+            f"client must be a dask.distributed.Client (or None), got {type(client).__name__}."
+        )
+    if window_unit not in ("px", "um"):
+        raise ValueError(f"window_unit must be 'px' or 'um', got {window_unit!r}.")
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"precision must be 'auto', 'float32' or 'bfloat16', got {precision!r}.")
+
+
+def _embed_images(
+    stack: SectionStack,
+    frame_windows: dict[str, tuple[float, ...]],
+    enc: Encoder,
+    *,
+    input_size: int | None,
+    grid: tuple[int, int],
+    batch_size: int,
+    device: str | torch.device,
+    precision: str,
+    cache_dir: str | os.PathLike | None,
+    n_jobs: int | None,
+    client: Client | None,
+    show_progress_bar: bool,
+) -> tuple[_Result, dict[str, Any]]:
+    """Run the encoder over every spot's windows; the result and its record for uns."""
+    size = int(input_size or enc.input_size)
+    if client is None:
+        resolve_device(device)  # a bad device fails here, before any image is read
+    extractor = _Extractor(
+        enc,
+        device=device,
+        precision=precision,
+        input_size=size,
+        grid=grid,
+        batch_size=batch_size,
+        n_jobs=n_jobs,
+    )
+    cache = None
+    if cache_dir is not None and enc.fingerprint is None:
+        warnings.warn(
+            "cache_dir is ignored: the encoder is a plain callable whose weights cannot be "
+            "hashed, so cached features could be stale. Pass a torch.nn.Module instead.",
+            UserWarning,
+            stacklevel=3,
+        )
+    elif cache_dir is not None:
+        cache = _Cache(cache_dir)
+    result = _from_images(stack, extractor, frame_windows, cache, client, show_progress_bar)
+    record = {
+        "encoder": enc.name,
+        "weights": enc.weights,
+        "pretrained": enc.pretrained,
+        "fingerprint": enc.fingerprint,
+        "input_size": size,
+        "mean": enc.mean,
+        "std": enc.std,
+        "device": ", ".join(result.devices),
+        "precision": ", ".join(result.precisions),
+        "batch_size": batch_size,
+        "n_jobs": n_jobs if client is not None else (n_jobs or torch.get_num_threads()),
+        "client": None if client is None else _describe_client(client),
+        "tiles": result.n_tiles,
+        "tile_px": _TILE_PX,
+        "cache_dir": str(cache_dir) if cache_dir is not None else None,
+        "cache_hits": result.cache_hits,
+        "encoder_params": enc.params,
+    }
+    if result.pyramid_scale:
+        record["pyramid_scale"] = result.pyramid_scale
+
+    return result, record
+
+
+def _write_features(
+    table: AnnData, result: _Result, record: dict[str, Any], key_added: str
+) -> None:
+    """Store pooled embeddings, token grids and padding; the record in uns; log it."""
+    for level in LEVELS:
+        table.obsm[Key.obsm.features(key_added, level)] = result.pooled[level]
+        table.obsm[Key.obsm.tokens(key_added, level)] = result.tokens[level]
+        table.obs[Key.obs.window_padding(key_added, level)] = result.padding[level]
+    record.update({"levels": list(LEVELS), "dim": int(result.pooled["spot"].shape[1])})
     update_params(table, key_added, UNS_FEATURES, record)
     dim = result.pooled["spot"].shape[1]
     logger.info(
@@ -280,7 +331,6 @@ def extract_features(
         record["encoder"],
         record["seconds"],
     )
-    return data if copy else None
 
 
 # -- parameters -------------------------------------------------------------------------
