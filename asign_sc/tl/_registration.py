@@ -54,9 +54,11 @@ _QC_SIGMA = 0.005
 #: Smoothing of the stain channels compared by the stacking-order check: tissue regions,
 #: which change slowly through a volume, not structures that differ from cut to cut.
 _ORDER_SIGMA = 0.02
-#: Another order of a sample's sections whose neighbours match better, by more than this
-#: (sum of NCC over neighbour pairs), makes the given stacking order suspect.
+#: Another order of a sample's sections whose neighbour pairs are this much more alike makes
+#: the given stacking order suspect: the sum of their dissimilarities (1 - NCC) is shorter by
+#: this fraction, and by at least _ORDER_MIN_GAIN (near-identical sections compare as noise).
 _ORDER_MARGIN = 0.1
+_ORDER_MIN_GAIN = 0.02
 #: Stacks up to this many sections get the best order by exhaustive search (else greedy).
 _ORDER_EXHAUSTIVE = 8
 
@@ -217,8 +219,9 @@ def register_sections(
         neighbour, in the aligned frame; ``order_best_match`` and
         ``order_best_similarity``: the most similar section of the sample;
         ``order_suspect``: the section has other neighbours in an order of the sample whose
-        neighbour similarities sum to more than the given order's (by over 0.1; with
-        ``check_order``), which is then added to the ``uns`` entry as ``suggested_order``;
+        neighbour dissimilarities (1 - NCC) sum to at least 10 % less than the given
+        order's (with ``check_order``), which is then added to the ``uns`` entry as
+        ``suggested_order``;
       - ``seconds``: time spent on the pair.
 
     Raises
@@ -694,11 +697,10 @@ def _order_check(
         order = _likely_order(scores)
         if order[0] > order[-1]:
             order = order[::-1]  # of the two directions, the one closer to the given order
-        gain = sum(scores[a, b] for a, b in itertools.pairwise(order)) - sum(
-            scores[i, i + 1] for i in range(n - 1)
-        )
+        given_distance = sum(1.0 - scores[i, i + 1] for i in range(n - 1))
+        gain = given_distance - sum(1.0 - scores[a, b] for a, b in itertools.pairwise(order))
         reordered = order not in (list(range(n)), list(range(n))[::-1])
-        suspect = reordered and gain > _ORDER_MARGIN
+        suspect = reordered and gain > max(_ORDER_MARGIN * given_distance, _ORDER_MIN_GAIN)
         position = {k: p for p, k in enumerate(order)}
         for i, name in enumerate(names):
             neighbours = [j for j in (i - 1, i + 1) if 0 <= j < n]
@@ -715,7 +717,8 @@ def _order_check(
         suggested[sample] = [names[k] for k in order]
         logger.warning(
             "Sections%s may be out of stacking order: placed as %s, neighbouring sections "
-            "match worse (sum of NCC of the aligned images %.2f lower) than in the order %s. "
+            "match worse (sum of 1 - NCC of the aligned images %.2f higher) than in the "
+            "order %s. "
             "If that is the true order, give the sections in it (the categories of "
             "obs[library_key], or sections=) and register again; see order_* in the "
             "registration QC table.",
