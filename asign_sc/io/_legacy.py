@@ -139,6 +139,14 @@ def from_legacy_anndata(
             "adata.var_names_make_unique() first."
         )
     stack = resolve_stack(adata, library_key=library_key, spatial_key=spatial_key)
+    # resolve_stack accepts a plain AnnData (radius unknown); the legacy layout has one
+    missing = [s.name for s in stack if not np.isfinite(s.spot_radius)]
+    if missing:
+        raise InvalidStackError(
+            f"uns['spatial'][{missing[0]!r}] is missing (sections without it: {missing}): "
+            "the legacy layout needs, per section, uns['spatial'][section]['scalefactors']"
+            f"[{Key.legacy.spot_diameter!r}] (and optionally 'images'), as squidpy does."
+        )
     previous = adata.uns.get(Key.uns.stack, {})
     microns = previous.get("microns_per_pixel", {}) if isinstance(previous, dict) else {}
 
