@@ -17,7 +17,6 @@ from asign_sc._keys import Key
 from asign_sc._outputs import atomic_folder, check_output_folder
 from asign_sc._stack import (
     SectionStack,
-    check_image_resolution,
     get_table,
     resolve_stack,
     validate_counts,
@@ -179,7 +178,6 @@ def run_pipeline(
             f"Sections {missing} have no image; asign-sc run needs the H&E image of every "
             "section (leave those sections out, or add their images)."
         )
-    check_image_resolution(stack, spot_windows(stack)[0])
     with atomic_folder(out, overwrite=overwrite) as work:
         return _run_steps(
             sdata,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from asign_sc._errors import InvalidStackError
 from asign_sc._keys import LEVELS, Key
-from asign_sc._stack import Section, SectionStack, resolve_stack
+from asign_sc._stack import Section, SectionStack, check_image_resolution, resolve_stack
 from asign_sc._utils import copy_data, resolve_device, update_params
 from asign_sc.models.encoders._registry import AUTO, Encoder, get_encoder
 from asign_sc.pp._patches import crop_windows, window_boxes
@@ -176,6 +176,8 @@ def extract_features(
     stack = resolve_stack(data, library_key=library_key, require_images=not precomputed)
     table = stack.table
     frame_windows = _frame_windows(stack, windows, window_unit)
+    if not precomputed:
+        check_image_resolution(stack, min(w[0] for w in frame_windows.values()))
     start = time.perf_counter()
 
     if precomputed:

@@ -610,3 +610,14 @@ def test_scaling_page_examples_are_python_calling_real_parameters():
                 assert {k.arg for k in node.keywords} <= accepted
                 assert any(k.arg == "client" for k in node.keywords)
     assert calls >= 3
+
+
+def test_windows_of_a_few_image_pixels_warn(sdata, caplog):
+    from torch import nn
+
+    conv = nn.Conv2d(3, 4, 4, stride=4)
+    with caplog.at_level("WARNING", logger="asign_sc"):
+        extract_features(
+            sdata, encoder=conv, precision="float32", **{**FAST, "windows": (6, 48, 96)}
+        )
+    assert "px wide in the images" in caplog.text
