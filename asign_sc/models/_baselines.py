@@ -193,7 +193,8 @@ def ridge(
     Fitted on the known spots (features and values centred on their means), one penalty for
     all genes: the one of ``alphas`` (relative to the mean squared singular value of the known
     features) with the smallest exact leave-one-out error, computed for every candidate from
-    one SVD (the hat matrix ``U diag(s²/(s²+α)) Uᵀ``; scikit-learn's ``RidgeCV`` does the same
+    one SVD (the hat matrix ``U diag(s²/(s²+α)) Uᵀ + 11ᵀ/n`` of the centred fit with its
+    intercept; scikit-learn's ``RidgeCV`` does the same
     with a dependency we do not otherwise need). Uncertainty: the leave-one-out root mean
     squared error of each gene, for every unknown spot.
 
@@ -224,11 +225,16 @@ def ridge(
     for alpha in np.asarray(alphas, dtype=float) * scale:
         shrink = s2 / (s2 + alpha)
         fitted = u @ (shrink[:, None] * uty)
-        leverage = np.einsum("ij,j,ij->i", u, shrink, u)
-        loo = (yk - fitted) / np.clip(1 - leverage, 1e-6, None)[:, None]
+        # leverage of the centred fit plus 1/n for the intercept (the mean of the known spots)
+        leverage = np.einsum("ij,j,ij->i", u, shrink, u) + 1.0 / len(yk)
+        if (1 - leverage).min() < 1e-6:  # interpolates the known spots: no honest LOO
+            continue
+        loo = (yk - fitted) / (1 - leverage)[:, None]
         error = float((loo**2).mean())
         if error < best[0]:
             best = (error, alpha, (loo**2).mean(0))
+    if best[1] is None:
+        raise ValueError("Every ridge penalty interpolates the known spots; pass larger alphas.")
     _, alpha, gene_error = best
     coef = vt.T @ ((sv / (s2 + alpha))[:, None] * uty)
     pred = values.copy()

@@ -45,8 +45,26 @@ def test_ridge_leave_one_out_error_is_exact(linear):
         a, b = xk[keep] - xm, yk[keep] - ym
         coef = np.linalg.solve(a.T @ a + alpha * np.eye(a.shape[1]), a.T @ b)
         errors.append(((xk[i] - xm) @ coef + ym - yk[i]) ** 2)
-    # centring on all known spots vs on the n-1 others differs by O(1/n): close, not equal
-    assert out.params["loo_mse"] == pytest.approx(np.mean(errors), rel=0.05)
+    assert out.params["loo_mse"] == pytest.approx(np.mean(errors), rel=1e-6)
+
+
+def test_ridge_leave_one_out_is_exact_with_more_features_than_spots():
+    """Wide features (as image embeddings are): the intercept's leverage matters."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(30, 80))
+    y = (x[:, :3] @ rng.normal(size=(3, 2)) + rng.normal(size=(30, 2))).astype(np.float32)
+    known = np.arange(30) < 20
+    out = _baselines.ridge(x, y, known, alphas=np.array([1e-4]))
+    alpha = out.params["alpha"]
+    xk, yk = x[known], y[known].astype(float)
+    errors = []
+    for i in range(len(xk)):
+        keep = np.arange(len(xk)) != i
+        xm, ym = xk[keep].mean(0), yk[keep].mean(0)
+        a, b = xk[keep] - xm, yk[keep] - ym
+        coef = a.T @ np.linalg.solve(a @ a.T + alpha * np.eye(len(a)), b)
+        errors.append(((xk[i] - xm) @ coef + ym - yk[i]) ** 2)
+    assert out.params["loo_mse"] == pytest.approx(np.mean(errors), rel=1e-4)
 
 
 def test_ridge_chooses_strong_shrinkage_for_pure_noise():
