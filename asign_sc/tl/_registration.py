@@ -13,7 +13,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -245,17 +245,7 @@ def register_sections(
             stacklevel=2,
         )
         show_progress_bar = progress
-    if transform not in _TRANSFORMS:
-        raise ValueError(f"transform must be one of {_TRANSFORMS}, got {transform!r}.")
-    if init not in _INITS:
-        raise ValueError(f"init must be one of {_INITS}, got {init!r}.")
-    if channel not in ("grey", "hematoxylin", "od"):
-        raise ValueError(f"channel must be 'grey', 'hematoxylin' or 'od', got {channel!r}.")
-    if max_side < 64 or keypoint_max_side < 64:
-        raise ValueError(
-            f"max_side ({max_side}) and keypoint_max_side ({keypoint_max_side}) must be at "
-            "least 64 pixels."
-        )
+    _check_options(transform, init, channel, max_side, keypoint_max_side)
     stack = resolve_stack(
         data,
         library_key=library_key,
@@ -269,55 +259,29 @@ def register_sections(
         stack = resolve_stack(
             data, library_key=library_key, sections=sections, sample_key=sample_key, min_sections=2
         )
-    groups = {sample: [s.name for s in group] for sample, group in stack.samples().items()}
-    for sample, names in groups.items():
-        if len(names) < 2:
-            raise InvalidStackError(
-                f"Sample {sample!r} has only one section ({names[0]!r}): registration needs "
-                "at least two sections per sample. Leave it out with sections=."
-            )
+    groups = _groups(stack)
     references = _references(stack, groups, reference)
 
     if matrices is not None:
-        user = _check_matrices(stack, matrices)
-        with_images = all(s.has_image for s in stack)
-        prepared = (
-            {s.name: _prepare(stack, s.name, max_side, channel) for s in stack}
-            if with_images
-            else {}
-        )
-        pair_matrices = dict(user)
-        point_maps: dict[str, PointMap] = {}
-        records = {name: {"target": "", "path": "user"} for name in user}
-        composed = user
+        composed = _check_matrices(stack, matrices)
+        images = all(s.has_image for s in stack)
+        prepared = {s.name: _prepare(stack, s.name, max_side, channel) for s in stack if images}
+        pair_matrices, point_maps = dict(composed), {}
+        records = {name: {"target": "", "path": "user"} for name in composed}
     else:
         prepared = {s.name: _prepare(stack, s.name, max_side, channel) for s in stack}
-        pair_matrices, point_maps, records = {}, {}, {}
-        options = {
-            "transform": transform,
-            "init": init,
-            "allow_flip": allow_flip,
-            "min_inliers": min_inliers,
-            "keypoint_max_side": keypoint_max_side,
-            "seed": seed,
-        }
-        pairs = [
-            (moving, target)
-            for sample, names in groups.items()
-            for moving, target in _pairs(names, references[sample])
-        ]
-        from tqdm.auto import tqdm
-
-        for moving, target in tqdm(pairs, desc="registering", disable=not show_progress_bar):
-            matrix, point_map, record = _register_pair(
-                prepared[moving], prepared[target], **options
-            )
-            pair_matrices[moving], records[moving] = matrix, record
-            if point_map is not None:
-                point_maps[moving] = point_map
-        for reference_name in references.values():
-            pair_matrices[reference_name] = np.eye(3)
-            records[reference_name] = {"target": "", "path": "reference"}
+        pair_matrices, point_maps, records = _register_pairs(
+            prepared,
+            groups,
+            references,
+            show_progress_bar=show_progress_bar,
+            transform=transform,
+            init=init,
+            allow_flip=allow_flip,
+            min_inliers=min_inliers,
+            keypoint_max_side=keypoint_max_side,
+            seed=seed,
+        )
         composed = _compose(groups, references, pair_matrices)
 
     aligned = _aligned_spots(stack, groups, references, pair_matrices, point_maps, composed)
@@ -355,6 +319,64 @@ def register_sections(
 
 
 # -- set-up ----------------------------------------------------------------------------------
+def _check_options(
+    transform: str, init: str, channel: str, max_side: int, keypoint_max_side: int
+) -> None:
+    if transform not in _TRANSFORMS:
+        raise ValueError(f"transform must be one of {_TRANSFORMS}, got {transform!r}.")
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {_INITS}, got {init!r}.")
+    if channel not in ("grey", "hematoxylin", "od"):
+        raise ValueError(f"channel must be 'grey', 'hematoxylin' or 'od', got {channel!r}.")
+    if max_side < 64 or keypoint_max_side < 64:
+        raise ValueError(
+            f"max_side ({max_side}) and keypoint_max_side ({keypoint_max_side}) must be at "
+            "least 64 pixels."
+        )
+
+
+def _groups(stack: SectionStack) -> dict[str | None, list[str]]:
+    """Section names per sample, in stacking order; every sample needs two sections."""
+    groups = {sample: [s.name for s in group] for sample, group in stack.samples().items()}
+    for sample, names in groups.items():
+        if len(names) < 2:
+            raise InvalidStackError(
+                f"Sample {sample!r} has only one section ({names[0]!r}): registration needs "
+                "at least two sections per sample. Leave it out with sections=."
+            )
+    return groups
+
+
+def _register_pairs(
+    prepared: dict[str, PreparedSection],
+    groups: dict[str | None, list[str]],
+    references: dict[str | None, str],
+    *,
+    show_progress_bar: bool,
+    **options: Any,
+) -> tuple[dict[str, np.ndarray], dict[str, PointMap], dict[str, dict]]:
+    """Register every section onto its neighbour towards the reference (``_register_pair``)."""
+    from tqdm.auto import tqdm
+
+    pair_matrices: dict[str, np.ndarray] = {}
+    point_maps: dict[str, PointMap] = {}
+    records: dict[str, dict] = {}
+    pairs = [
+        (moving, target)
+        for sample, names in groups.items()
+        for moving, target in _pairs(names, references[sample])
+    ]
+    for moving, target in tqdm(pairs, desc="registering", disable=not show_progress_bar):
+        matrix, point_map, record = _register_pair(prepared[moving], prepared[target], **options)
+        pair_matrices[moving], records[moving] = matrix, record
+        if point_map is not None:
+            point_maps[moving] = point_map
+    for reference_name in references.values():
+        pair_matrices[reference_name] = np.eye(3)
+        records[reference_name] = {"target": "", "path": "reference"}
+    return pair_matrices, point_maps, records
+
+
 def _references(
     stack: SectionStack, groups: dict[str | None, list[str]], reference: str | None
 ) -> dict[str | None, str]:
