@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_arguments(parser, args)
 
     from asign_sc._errors import InvalidStackError
-    from asign_sc._pipeline import check_encoder, load_input, run_pipeline
+    from asign_sc._pipeline import check_encoder, check_known, load_input, run_pipeline
 
     previous = _stop_on_sigterm()
     try:
@@ -121,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         try:
             check_encoder(sdata, args.encoder)
+            check_known(sdata, args.known, args.library_key)
         except ValueError as error:
             parser.error(str(error))
         run_pipeline(

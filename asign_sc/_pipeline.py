@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "check_encoder",
+    "check_known",
     "check_zarr_store",
     "load_input",
     "run_pipeline",
@@ -104,6 +105,20 @@ def check_encoder(data: AnnData | SpatialData, encoder: str) -> None:
         raise ValueError(
             f"--encoder {encoder}: the table has no obsm[{key!r}] (it has "
             f"{sorted(table.obsm)}); name one of those, or an image encoder such as default."
+        )
+
+
+def check_known(data: AnnData | SpatialData, known: Sequence[str] | None, library_key: str) -> None:
+    """Raise ``ValueError`` if ``--known`` names a section the stack does not have."""
+    table = get_table(data)
+    if not known or library_key not in table.obs:
+        return  # no choice made, or the stack check reports the missing column itself
+    names = [str(s) for s in table.obs[library_key].astype(str).unique()]
+    missing = [s for s in known if s not in names]
+    if missing:
+        raise ValueError(
+            f"--known {' '.join(missing)}: not a section of this stack; its sections are "
+            f"{' '.join(names)}."
         )
 
 

@@ -157,6 +157,16 @@ def test_missing_embeddings_key_exits_2_before_registration(small_store, tmp_pat
     assert not out.exists()
 
 
+def test_unknown_known_section_exits_2_before_any_work(small_store, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", str(small_store), "--known", "S9", "--out", str(out), "-q"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--known S9: not a section of this stack" in err and "S1 S2 S3" in err
+    assert "Traceback" not in err and not out.exists()
+
+
 def test_unreadable_store_is_reported_with_its_path(tmp_path, capsys):
     store = tmp_path / "broken.zarr"
     store.mkdir()
