@@ -21,6 +21,19 @@ def linear():
     return x, y, known
 
 
+def refit_loo_error(x, y, known, alpha):
+    """Mean squared leave-one-out error of ridge refitted without each known spot."""
+    xk, yk = x[known], y[known].astype(float)
+    errors = []
+    for i in range(len(xk)):
+        keep = np.arange(len(xk)) != i
+        xm, ym = xk[keep].mean(0), yk[keep].mean(0)
+        a, b = xk[keep] - xm, yk[keep] - ym
+        coef = a.T @ np.linalg.solve(a @ a.T + alpha * np.eye(len(a)), b)  # dual form: any width
+        errors.append(((xk[i] - xm) @ coef + ym - yk[i]) ** 2)
+    return np.mean(errors)
+
+
 def test_ridge_recovers_a_linear_map_and_keeps_known_values(linear):
     x, y, known = linear
     out = _baselines.ridge(x, y, known)
@@ -37,15 +50,7 @@ def test_ridge_leave_one_out_error_is_exact(linear):
     alpha_rel = np.array([1.0])
     out = _baselines.ridge(x, y, known, alphas=alpha_rel)
     alpha = out.params["alpha"]
-    xk, yk = x[known], y[known].astype(float)
-    errors = []
-    for i in range(len(xk)):
-        keep = np.arange(len(xk)) != i
-        xm, ym = xk[keep].mean(0), yk[keep].mean(0)
-        a, b = xk[keep] - xm, yk[keep] - ym
-        coef = np.linalg.solve(a.T @ a + alpha * np.eye(a.shape[1]), a.T @ b)
-        errors.append(((xk[i] - xm) @ coef + ym - yk[i]) ** 2)
-    assert out.params["loo_mse"] == pytest.approx(np.mean(errors), rel=1e-6)
+    assert out.params["loo_mse"] == pytest.approx(refit_loo_error(x, y, known, alpha), rel=1e-6)
 
 
 def test_ridge_leave_one_out_is_exact_with_more_features_than_spots():
@@ -56,15 +61,7 @@ def test_ridge_leave_one_out_is_exact_with_more_features_than_spots():
     known = np.arange(30) < 20
     out = _baselines.ridge(x, y, known, alphas=np.array([1e-4]))
     alpha = out.params["alpha"]
-    xk, yk = x[known], y[known].astype(float)
-    errors = []
-    for i in range(len(xk)):
-        keep = np.arange(len(xk)) != i
-        xm, ym = xk[keep].mean(0), yk[keep].mean(0)
-        a, b = xk[keep] - xm, yk[keep] - ym
-        coef = a.T @ np.linalg.solve(a @ a.T + alpha * np.eye(len(a)), b)
-        errors.append(((xk[i] - xm) @ coef + ym - yk[i]) ** 2)
-    assert out.params["loo_mse"] == pytest.approx(np.mean(errors), rel=1e-4)
+    assert out.params["loo_mse"] == pytest.approx(refit_loo_error(x, y, known, alpha), rel=1e-4)
 
 
 def test_ridge_chooses_strong_shrinkage_for_pure_noise():
