@@ -66,6 +66,9 @@ class ASIGNModel:
         ``obs`` column naming sections.
     known_sections
         Sections the model was trained on.
+    sample_key, samples
+        For a cohort fit: the ``obs`` column of samples and ``{sample: known sections}``
+        (``None`` for one stack).
     windows_px
         Region/global target windows (px), per level (a number or ``{section: px}``).
     run
@@ -88,6 +91,8 @@ class ASIGNModel:
         counts_layer: str | None = None,
         library_key: str = "section",
         known_sections: Sequence[str] = (),
+        sample_key: str | None = None,
+        samples: Mapping[str, Sequence[str]] | None = None,
         windows_px: Mapping[str, Any] | None = None,
         run: Mapping[str, Any] | None = None,
         history: pd.DataFrame | Mapping[str, list] | None = None,
@@ -102,6 +107,10 @@ class ASIGNModel:
         self.counts_layer = counts_layer
         self.library_key = library_key
         self.known_sections: list[str] = [str(s) for s in known_sections]
+        self.sample_key = sample_key
+        self.samples: dict[str, list[str]] | None = (
+            None if samples is None else {str(k): [str(s) for s in v] for k, v in samples.items()}
+        )
         self.windows_px: dict[str, Any] = _jsonable(dict(windows_px or {}))
         self.run: dict[str, Any] = _jsonable(dict(run or {}))
         self.history = history
@@ -169,6 +178,8 @@ class ASIGNModel:
             counts_layer=normalization.get("layer"),
             library_key=settings.get("library_key", "section"),
             known_sections=settings.get("known_sections", ()),
+            sample_key=settings.get("sample_key"),
+            samples=settings.get("samples"),
             windows_px=settings.get("targets", {}).get("windows_px"),
             run=run,
         )
@@ -214,6 +225,8 @@ class ASIGNModel:
                 "targets": {"windows_px": self.windows_px},
                 "library_key": self.library_key,
                 "known_sections": self.known_sections,
+                "sample_key": self.sample_key,
+                "samples": self.samples,
                 "loss": self.training.loss_weights.to_dict(),
                 "training": {**training, "lr": self.training.learning_rate, **self.run},
             }

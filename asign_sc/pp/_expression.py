@@ -124,6 +124,90 @@ def known_rows(stack: SectionStack, known_sections: Sequence[str]) -> np.ndarray
     return np.sort(np.concatenate([stack[s].rows for s in known_sections]))
 
 
+def resolve_known_sections(
+    data: AnnData | SpatialData,
+    known_sections: Sequence[str] | str | Mapping[str, Sequence[str] | str],
+    *,
+    library_key: str = Key.obs.library,
+    sample_key: str | None = None,
+) -> tuple[SectionStack, list[str], dict[str, list[str]] | None]:
+    """The stack and its measured sections, checked per sample for a cohort.
+
+    Parameters
+    ----------
+    data
+        AnnData or SpatialData with one stack, or with several samples (``sample_key``).
+    known_sections
+        Section names, or with ``sample_key`` a mapping ``{sample: section(s)}`` (every
+        section of a training sample, one section of a target sample).
+    library_key
+        ``obs`` column naming sections.
+    sample_key
+        ``obs`` column naming samples. Every sample of the data needs at least one known
+        section: it anchors that sample's propagation (the 3D graph has no edges across
+        samples).
+
+    Returns
+    -------
+    The resolved stack, the known sections (in the order given) and, with ``sample_key``,
+    ``{sample: known sections}`` in the stack's sample order (``None`` without).
+    """
+    stack = resolve_stack(data, library_key=library_key, sample_key=sample_key)
+    sections_of = {str(k): [s.name for s in v] for k, v in stack.samples().items()}
+    if isinstance(known_sections, Mapping):
+        if sample_key is None:
+            raise ValueError(
+                "known_sections is a mapping {sample: sections}; pass sample_key= naming the "
+                "obs column of samples, or give a list of section names."
+            )
+        given = {str(k): _names(v) for k, v in known_sections.items()}
+        names = [s for sections in given.values() for s in sections]
+        unknown = [k for k in given if k not in sections_of]
+        if unknown:
+            raise ValueError(
+                f"known_sections names sample(s) {unknown} that obs[{sample_key!r}] does not "
+                f"have; its samples are {list(sections_of)}."
+            )
+    else:
+        names = _names(known_sections)
+        given = None
+    known_rows(stack, names)  # empty or unknown sections: a clear error
+    duplicated = sorted({s for s in names if names.count(s) > 1})
+    if duplicated:
+        raise ValueError(f"known_sections names {duplicated} more than once.")
+    if sample_key is None:
+        return stack, names, None
+    if given is not None:
+        for sample, sections in given.items():
+            foreign = {s: str(stack[s].sample) for s in sections if s not in sections_of[sample]}
+            if foreign or not sections:
+                raise ValueError(
+                    f"known_sections[{sample!r}] = {sections}: "
+                    + (
+                        "no section given; name at least one measured section of the sample."
+                        if not sections
+                        else f"{foreign} (section: its sample) belong to other samples; "
+                        f"sample {sample!r} has sections {sections_of[sample]}."
+                    )
+                )
+    known = set(names)
+    samples = {k: [s for s in v if s in known] for k, v in sections_of.items()}
+    orphans = [k for k, v in samples.items() if not v]
+    if orphans:
+        raise ValueError(
+            f"Sample(s) {orphans} of obs[{sample_key!r}] have no known section, so nothing "
+            "anchors their imputation. Name one measured section of each target sample "
+            "(its sections: "
+            + "; ".join(f"{k}: {sections_of[k]}" for k in orphans)
+            + "), or leave those samples out of the data."
+        )
+    return stack, names, samples
+
+
+def _names(sections: Sequence[str] | str) -> list[str]:
+    return [sections] if isinstance(sections, str) else [str(s) for s in sections]
+
+
 def select_genes(
     data: AnnData | SpatialData,
     *,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,13 +12,13 @@ import torch
 
 from asign_sc._docs import doc_params
 from asign_sc._keys import Key
-from asign_sc._stack import SectionStack, resolve_stack, validate_counts
+from asign_sc._stack import SectionStack, validate_counts
 from asign_sc._utils import resolve_device, update_params
 from asign_sc.models._config import ArchitectureConfig, TrainingConfig
 from asign_sc.models._data import StackData, known_targets, resolve_windows
 from asign_sc.models._model import ASIGNModel
 from asign_sc.models._training import fit_ensemble
-from asign_sc.pp._expression import known_rows, select_genes
+from asign_sc.pp._expression import known_rows, resolve_known_sections, select_genes
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -33,11 +33,12 @@ logger = logging.getLogger(__name__)
 def fit_asign(
     data: AnnData | SpatialData,
     *,
-    known_sections: Sequence[str],
+    known_sections: Sequence[str] | Mapping[str, Sequence[str]],
     genes: Sequence[str] | None = None,
     n_top_genes: int = 250,
     counts_layer: str | None = None,
     library_key: str = Key.obs.library,
+    sample_key: str | None = None,
     features_key: str = "asign",
     graph_key: str = Key.obsp.graph3d,
     architecture: ArchitectureConfig | None = None,
@@ -68,7 +69,10 @@ def fit_asign(
         AnnData or SpatialData with image features (:func:`asign_sc.tl.extract_features`)
         and a 3D graph (:func:`asign_sc.gr.build_3d_graph`).
     known_sections
-        Sections with measured expression (raw counts in ``X`` or ``counts_layer``).
+        Sections with measured expression (raw counts in ``X`` or ``counts_layer``). For a
+        cohort (``sample_key``) also a mapping ``{{sample: sections}}``: every section of the
+        training samples and at least one section of each target sample (the paper's
+        protocol); one model is fitted on all of them.
     genes
         Genes to model; default the ``n_top_genes`` of highest mean count over the known
         spots (:func:`asign_sc.pp.select_genes`).
@@ -76,6 +80,11 @@ def fit_asign(
         Number of genes when ``genes`` is not given (paper: 250).
     {counts_layer}
     {library_key}
+    sample_key
+        ``obs`` column naming the sample (patient) of each spot when ``data`` holds a cohort.
+        Every sample needs a known section; build the graph with the same ``sample_key``
+        (:func:`asign_sc.gr.build_3d_graph`) so that propagation stays inside each sample.
+        The samples and their known sections are recorded (``model.samples``).
     {features_key}
     {graph_key}
     architecture
@@ -113,7 +122,9 @@ def fit_asign(
     for name, value in (("epochs", epochs), ("n_models", n_models)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    stack = resolve_stack(data, library_key=library_key)
+    stack, known_sections, samples = resolve_known_sections(
+        data, known_sections, library_key=library_key, sample_key=sample_key
+    )
     table = stack.table
     known_sections, rows, genes = _known_spots_and_genes(
         stack, known_sections, genes, n_top_genes=n_top_genes, counts_layer=counts_layer
@@ -153,6 +164,8 @@ def fit_asign(
         counts_layer=counts_layer,
         library_key=library_key,
         known_sections=known_sections,
+        sample_key=sample_key,
+        samples=samples,
         windows_px=windows,
     )
     model.net.fit_reduction(stack_data.inputs.features(), seed=seed)
