@@ -69,7 +69,14 @@ class SyntheticTruth:
 class _Volume:
     """The simulated 3D tissue: an outline, tissue types and gene programs as smooth fields."""
 
-    def __init__(self, rng: np.random.Generator, radius: float, n_types: int, n_genes: int):
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        radius: float,
+        n_types: int,
+        n_genes: int,
+        genes_rng: np.random.Generator | None = None,
+    ):
         self.radius = radius
         self.n_types = n_types
         # Tissue types: argmax of smooth random fields (a few low-frequency cosines each).
@@ -78,14 +85,15 @@ class _Volume:
         self.lobes = rng.uniform(0.05, 0.1, size=3) * np.array([1.0, 0.8, 0.6])
         self.lobe_phase = rng.uniform(0, 2 * np.pi, size=3)
         # Genes: a type program (log-fold changes) plus smooth gradients for some genes.
-        self.base = rng.lognormal(mean=0.5, sigma=0.9, size=n_genes)
-        program = rng.normal(0.0, 0.35, size=(n_types, n_genes))
+        genes_rng = rng if genes_rng is None else genes_rng
+        self.base = genes_rng.lognormal(mean=0.5, sigma=0.9, size=n_genes)
+        program = genes_rng.normal(0.0, 0.35, size=(n_types, n_genes))
         self.gene_kind = np.full(n_genes, "housekeeping", dtype=object)
-        marker_genes = rng.permutation(n_genes)
+        marker_genes = genes_rng.permutation(n_genes)
         per_type = max(1, n_genes // (2 * n_types))
         for t in range(n_types):
             markers = marker_genes[t * per_type : (t + 1) * per_type]
-            program[t, markers] += rng.uniform(1.2, 2.2, size=len(markers))
+            program[t, markers] += genes_rng.uniform(1.2, 2.2, size=len(markers))
             self.gene_kind[markers] = _TISSUE_TYPES[t][0]
         gradient = marker_genes[n_types * per_type : n_types * per_type + max(1, n_genes // 6)]
         self.gene_kind[gradient] = "gradient"
@@ -140,6 +148,7 @@ def synthetic_stack(
     flip: bool | str = False,
     section_spacing: float = 0.12,
     seed: int = 0,
+    programs_seed: int | None = None,
 ) -> tuple[SpatialData, SyntheticTruth]:
     """Simulate a stack of adjacent sections with H&E-like images and spot counts.
 
@@ -172,6 +181,11 @@ def synthetic_stack(
         values make neighbouring sections differ more.
     seed
         Seed of every random draw; the same seed gives the same stack.
+    programs_seed
+        Seed of the gene programs alone (each type's expression profile and its marker
+        genes). Stacks with different ``seed`` and the same ``programs_seed`` are different
+        tumours of one disease: their shapes, tissue layouts and gradients differ, the
+        expression of each tissue type is shared (a cohort). ``None``: drawn from ``seed``.
 
     Returns
     -------
@@ -187,7 +201,8 @@ def synthetic_stack(
         raise ValueError(f"flip must be True, False or 'random', got {flip!r}.")
     rng = np.random.default_rng(seed)
     radius = 0.32 * image_size
-    volume = _Volume(rng, radius, n_tissue_types, n_genes)
+    genes_rng = None if programs_seed is None else np.random.default_rng(programs_seed)
+    volume = _Volume(rng, radius, n_tissue_types, n_genes, genes_rng)
     pitch = float(np.sqrt(np.pi * radius**2 / max(n_spots_per_section, 1)))
     microns_per_pixel = _SPOT_PITCH_UM / pitch
     genes = pd.Index([f"Gene{i:03d}" for i in range(n_genes)])

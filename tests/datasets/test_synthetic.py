@@ -172,3 +172,23 @@ def test_tissue_maps_equal_interpolating_every_pixel(size, n_types):
     np.testing.assert_array_equal(types, expected_types)
     np.testing.assert_array_equal(inside, expected_inside)
     assert 0 < inside.mean() < 1 and (n_types == 1 or len(np.unique(types[inside])) > 1)
+
+
+def test_programs_seed_makes_tumours_of_one_disease():
+    kwargs = {"n_sections": 1, "n_spots_per_section": 40, "image_size": 160, "n_genes": 8}
+    profiles = []
+    for seed, programs_seed in ((1, 9), (2, 9), (3, None)):
+        _, truth = synthetic_stack(seed=seed, programs_seed=programs_seed, **kwargs)
+        # the type programs without the gradient genes: mean log expression of each type
+        log_mean = np.log(truth.expression).groupby(truth.tissue_type.to_numpy()).mean()
+        profiles.append(log_mean)
+    shared = profiles[0].index.intersection(profiles[1].index)
+    # tumours 1 and 2 share the programs (up to the gradients); tumour 3 has its own
+    close = np.corrcoef(
+        profiles[0].loc[shared].to_numpy().ravel(), profiles[1].loc[shared].to_numpy().ravel()
+    )[0, 1]
+    other = profiles[2].index.intersection(profiles[0].index)
+    far = np.corrcoef(
+        profiles[0].loc[other].to_numpy().ravel(), profiles[2].loc[other].to_numpy().ravel()
+    )[0, 1]
+    assert close > 0.9 > far
