@@ -76,3 +76,35 @@ def test_bad_sections_are_refused_by_name(kwargs, match):
 def test_no_sections_is_an_error():
     with pytest.raises(InvalidStackError, match="No sections given"):
         build_spatialdata([])
+
+
+@pytest.mark.parametrize("shape", [(1101, 1203), (1024, 2050)])
+def test_pyramid_levels_equal_spatialdata_coarsening(shape):
+    """Each level is the box mean spatialdata's own pyramid gives, byte for byte."""
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Identity
+
+    image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    sdata = build_spatialdata([_section(image=image)])
+    ours = sdata.images["S1_image"]
+    theirs = Image2DModel.parse(
+        image,
+        dims=("y", "x", "c"),
+        c_coords=["r", "g", "b"],
+        scale_factors=[2] * (len(ours.children) - 1),
+        chunks=(3, 2048, 2048),
+        transformations={"S1": Identity()},
+    )
+    assert len(ours.children) >= 2
+    for level in theirs.children:
+        a, b = ours[level]["image"], theirs[level]["image"]
+        np.testing.assert_array_equal(a.values, b.values)
+        assert a.attrs.keys() == b.attrs.keys()
+        np.testing.assert_array_equal(a["x"].values, b["x"].values)
+        np.testing.assert_array_equal(a["y"].values, b["y"].values)
+    # the finest level's chunks are slices of the input array: no second full-resolution copy
+    import dask
+
+    finest = ours["scale0"]["image"].data
+    block = dask.get(dict(finest.__dask_graph__()), finest.__dask_keys__()[0][0][0])
+    assert np.shares_memory(block, image)
