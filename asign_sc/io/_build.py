@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -185,27 +184,35 @@ def _halve(level: np.ndarray) -> np.ndarray:
     return out
 
 
-def _view_block(image: np.ndarray, block_info: dict | None = None) -> np.ndarray:
-    (c0, c1), (y0, y1), (x0, x1) = block_info[None]["array-location"]
-    return image[y0:y1, x0:x1, c0:c1].transpose(2, 0, 1)
-
-
 def _dask_view(image: np.ndarray):
     """``(y, x, c)`` array -> ``(c, y, x)`` dask array whose chunks are views of it.
 
-    ``dask.array.from_array`` copies a NumPy array whole before chunking it (a second
-    full-resolution copy of every section while a stack is built); a chunk here is sliced
-    from ``image`` when it is read. The random name spares hashing the pixels.
+    ``dask.array.from_array`` copies a NumPy array whole before cutting it into chunks (a
+    second full-resolution copy of every section while a stack is built); here the chunks
+    put in the graph are slices of ``image`` itself, as ``from_array`` puts its copy's. Each
+    chunk is a graph value of its own, so a distributed client ships only the chunks a task
+    reads. The random name spares hashing the pixels.
     """
-    import dask.array as da
+    import itertools
 
-    shape = (image.shape[2], image.shape[0], image.shape[1])
-    return da.map_blocks(
-        functools.partial(_view_block, image),
-        chunks=da.core.normalize_chunks((image.shape[2], _CHUNK, _CHUNK), shape),
+    import dask.array as da
+    from dask.array.core import slices_from_chunks
+    from dask.highlevelgraph import HighLevelGraph
+
+    planar = image.transpose(2, 0, 1)
+    chunks = da.core.normalize_chunks((image.shape[2], _CHUNK, _CHUNK), planar.shape)
+    name = f"image-{uuid.uuid4().hex}"
+    blocks = itertools.product(*(range(len(sizes)) for sizes in chunks))
+    graph = {
+        (name, *block): planar[where]
+        for block, where in zip(blocks, slices_from_chunks(chunks), strict=True)
+    }
+    return da.Array(
+        HighLevelGraph.from_collections(name, graph, dependencies=()),
+        name,
+        chunks,
         dtype=image.dtype,
         meta=np.empty((0, 0, 0), dtype=image.dtype),
-        name=f"image-{uuid.uuid4().hex}",
     )
 
 
