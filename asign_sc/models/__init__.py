@@ -4,8 +4,10 @@ from asign_sc.models import encoders
 from asign_sc.models._asign import ASIGNEnsemble, ASIGNNet
 from asign_sc.models._config import ArchitectureConfig, TrainingConfig
 from asign_sc.models._data import GraphInputs, StackData
+from asign_sc.models._distributed import DistributedTrainingError
 from asign_sc.models._fusion import MultiLevelFusion
 from asign_sc.models._losses import ASIGNLoss, LossWeights, pcc_loss
+from asign_sc.models._memory import InsufficientMemoryError
 from asign_sc.models._model import ASIGNModel
 from asign_sc.models._msagnet import MSAGNet, SpatialGraphAttention, SpotwiseLayers
 from asign_sc.models._propagation import CrossLayerImputation, PropagationResult, propagate_labels
@@ -18,7 +20,9 @@ __all__: list[str] = [
     "ASIGNNet",
     "ArchitectureConfig",
     "CrossLayerImputation",
+    "DistributedTrainingError",
     "GraphInputs",
+    "InsufficientMemoryError",
     "LossWeights",
     "MSAGNet",
     "MultiLevelFusion",

@@ -108,6 +108,16 @@ class ASIGNNet(nn.Module):
         n_components: int | None = None,
     ) -> None:
         super().__init__()
+        # widths and depths the memory estimates and the mini-batch closure read
+        self.sizes = {
+            "hidden_dim": hidden_dim,
+            "n_heads": n_heads,
+            "n_gat_layers": n_gat_layers,
+            "n_iterations": n_iterations,
+            "n_genes": n_genes,
+        }
+        # rounds of message passing in the network (0 without graph attention)
+        self.message_passing_rounds = n_gat_layers if graph_attention else 0
         dims = {"spot": spot_dim, "region": region_dim, "global": global_dim}
         if n_components is None:
             self.reduction = None
@@ -154,8 +164,13 @@ class ASIGNNet(nn.Module):
         known: torch.Tensor,
         *,
         return_spread: bool = False,
+        chunk_size: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run the network, then propagate ``values`` of ``known`` spots and blend.
+
+        With ``chunk_size`` (evaluation only) the network runs in chunks of that many spots
+        (:meth:`~asign_sc.models.MSAGNet.forward_layerwise`: exact, bounded memory); the
+        propagation always runs over the whole graph.
 
         Returns
         -------
@@ -163,7 +178,12 @@ class ASIGNNet(nn.Module):
         :class:`~asign_sc.models.CrossLayerImputation` (``prediction``, ``propagated``,
         ``coverage``, ``gate``, ``node_weights``).
         """
-        out = self.network(spot, region_tokens, global_tokens, edge_index, edge_weight)
+        if chunk_size is not None and chunk_size < spot.shape[0]:
+            out = self.network.forward_layerwise(
+                spot, region_tokens, global_tokens, edge_index, edge_weight, chunk_size=chunk_size
+            )
+        else:
+            out = self.network(spot, region_tokens, global_tokens, edge_index, edge_weight)
         out.update(
             self.imputation(
                 out["embedding"], adjacency, values, known, out["spot"], return_spread=return_spread

@@ -17,6 +17,10 @@ __all__ = ["ArchitectureConfig", "TrainingConfig"]
 Optimizer = Literal["adamw", "sgd"]
 Validation = Literal["random", "blocked"]
 Standardize = Literal["section"] | None
+BatchSize = int | Literal["auto"] | None
+
+MIN_BATCH_SIZE = 32
+"""Fewest seed spots of a mini-batch (the PCC terms of the loss need a few dozen spots)."""
 
 
 def _check_fraction(name: str, value: float, *, closed_low: bool) -> None:
@@ -158,6 +162,19 @@ class TrainingConfig(_Config):
     region_size, global_size
         Window sides (full-resolution px) of the region/global targets (eq. 10); default the
         window sizes recorded by the feature extraction, else 512 and 1024 px.
+    batch_size
+        Known spots per mini-batch. ``None``: full-graph training (every epoch runs the
+        network on all spots, one optimiser step). An integer: each epoch cuts the training
+        spots into spatially contiguous tiles of at most this many spots and takes one
+        optimiser step per tile, on the tile's neighbourhood in the 3D graph only (see
+        :doc:`/concepts`, "Large stacks"). ``"auto"`` (default): full-graph up to
+        5,000 spots when the memory estimate fits (a measured threshold, see
+        :doc:`/concepts`), else mini-batches of 2,048 spots (fewer when several
+        processes share them: at least one batch each).
+    max_memory_gb
+        Memory (GB) training and prediction may use; estimated before any work, and a
+        setting that needs more fails at once with an error naming what to change.
+        ``None``: the memory available now (host RAM, or free memory of the CUDA device).
     """
 
     lr: float | None = None
@@ -174,6 +191,8 @@ class TrainingConfig(_Config):
     target_sum: float = 1e4
     region_size: float | None = None
     global_size: float | None = None
+    batch_size: BatchSize = "auto"
+    max_memory_gb: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_weights, Mapping):
@@ -205,6 +224,24 @@ class TrainingConfig(_Config):
             raise ValueError(
                 "early_stopping=True needs held-out spots: set validation_fraction > 0, or "
                 "early_stopping=False."
+            )
+        if self.batch_size not in ("auto", None) and (
+            isinstance(self.batch_size, bool)
+            or not isinstance(self.batch_size, int)
+            or self.batch_size < MIN_BATCH_SIZE
+        ):
+            raise ValueError(
+                f"batch_size must be 'auto', None (full-graph training) or an integer >= "
+                f"{MIN_BATCH_SIZE} (known spots per mini-batch), got {self.batch_size!r}."
+            )
+        if self.max_memory_gb is not None and not (
+            isinstance(self.max_memory_gb, int | float)
+            and not isinstance(self.max_memory_gb, bool)
+            and self.max_memory_gb > 0
+        ):
+            raise ValueError(
+                f"max_memory_gb must be a positive number of GB or None (the available "
+                f"memory), got {self.max_memory_gb!r}."
             )
 
     @property

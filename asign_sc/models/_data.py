@@ -127,8 +127,15 @@ class StackData:
         features_key: str,
         graph_key: str,
         standardize: Standardize,
+        max_memory_gb: float | None = None,
     ) -> StackData:
-        """Read features (standardised as asked) and the 3D graph of a stack (CPU tensors)."""
+        """Read features (standardised as asked) and the 3D graph of a stack (CPU tensors).
+
+        The features are read as one float32 copy; if that copy would not fit
+        ``max_memory_gb`` (default: the memory available now) an
+        :class:`~asign_sc.models.InsufficientMemoryError` says so before reading.
+        """
+        _check_features_memory(table, features_key, max_memory_gb)
         features = _load_features(table, stack, features_key=features_key)
         if standardize == "section":
             features = {
@@ -157,6 +164,24 @@ class StackData:
             obs_names=list(table.obs_names),
             section_rows={s.name: s.rows for s in stack},
         )
+
+
+def _check_features_memory(table: AnnData, features_key: str, max_memory_gb: float | None) -> None:
+    """Fail before reading features whose float32 copy exceeds the memory budget."""
+    from asign_sc.models._memory import FLOAT, MemoryEstimate, check_memory, memory_budget
+
+    keys = [
+        Key.obsm.features(features_key, "spot"),
+        Key.obsm.tokens(features_key, "region"),
+        Key.obsm.tokens(features_key, "global"),
+    ]
+    sizes = [int(np.prod(np.shape(table.obsm[k]))) for k in keys if k in table.obsm]
+    estimate = MemoryEstimate({"features": float(sum(sizes)) * FLOAT})
+    check_memory(
+        estimate,
+        memory_budget(max_memory_gb),
+        what=f"Reading the image features of {table.n_obs} spots",
+    )
 
 
 def _obsm_array(table: AnnData, key: str, ndim: int, what: str) -> np.ndarray:

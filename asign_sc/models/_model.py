@@ -22,6 +22,13 @@ from asign_sc.models._asign import ASIGNEnsemble
 from asign_sc.models._config import ArchitectureConfig, TrainingConfig
 from asign_sc.models._data import GraphInputs
 from asign_sc.models._losses import LossWeights
+from asign_sc.models._memory import (
+    FLOAT,
+    MemoryEstimate,
+    check_memory,
+    memory_budget,
+    network_bytes,
+)
 
 __all__ = ["ASIGNModel"]
 
@@ -34,6 +41,8 @@ WEIGHTS_FILE = "weights.pt"
 SETTINGS_FILE = "settings.json"
 HISTORY_FILE = "history.csv"
 FEATURE_DIMS = ("spot_dim", "region_dim", "global_dim")
+PREDICT_CHUNK_SIZE = 8192
+"""Spots per chunk of the network at prediction (an exact, bounded-memory pass)."""
 _RUN_KEYS = ("epochs", "seed", "best_epoch", "validation_obs", "seconds")
 """Entries of ``settings["training"]`` that describe the run, not the configuration."""
 
@@ -262,6 +271,8 @@ class ASIGNModel:
         known: np.ndarray,
         *,
         device: str | torch.device = "auto",
+        chunk_size: int | None = PREDICT_CHUNK_SIZE,
+        max_memory_gb: float | None = None,
     ) -> dict[str, np.ndarray]:
         """Run the network on a stack's inputs and propagate ``values`` of ``known`` spots.
 
@@ -277,6 +288,15 @@ class ASIGNModel:
             ``(n_obs,)`` boolean mask of the known spots (may be all ``False``).
         device
             Where to run.
+        chunk_size
+            Run the network on this many spots at a time (exact: round by round over
+            chunks of the graph, see :meth:`~asign_sc.models.MSAGNet.forward_layerwise`), so
+            memory grows with the chunk, not the stack; the propagation runs over the whole
+            graph. ``None``: all spots at once.
+        max_memory_gb
+            Memory budget; ``None``: the memory available now. The estimate is checked
+            before any work and an :class:`~asign_sc.models.InsufficientMemoryError` names
+            the setting to change.
 
         Returns
         -------
@@ -293,12 +313,20 @@ class ASIGNModel:
                 f"{mismatch}. Extract features with the encoder the model was trained with."
             )
         dev = resolve_device(device)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
+        check_memory(
+            prediction_bytes(self, inputs, chunk_size),
+            memory_budget(max_memory_gb, dev),
+            what=f"Prediction on {inputs.spot.shape[0]} spots (chunk_size={chunk_size})",
+        )
         net = self.net.to(dev).eval()
         reduced = inputs.to(dev).reduced(net)
         out = net(
             *reduced.args(),
             torch.as_tensor(values, dtype=torch.float32, device=dev),
             torch.as_tensor(known, dtype=torch.bool, device=dev),
+            chunk_size=chunk_size,
         )
         keep = ("prediction", "spot", "propagated", "coverage", "gate")
         keep += ("prediction_std", "spot_std")
@@ -380,6 +408,45 @@ class ASIGNModel:
     def copy(self) -> ASIGNModel:
         """A deep copy."""
         return copy.deepcopy(self)
+
+
+def prediction_bytes(
+    model: ASIGNModel, inputs: GraphInputs, chunk_size: int | None
+) -> MemoryEstimate:
+    """Memory of :meth:`ASIGNModel.predict`: reduced features, a chunk, whole-stack outputs."""
+    n_obs, n_edges = inputs.spot.shape[0], int(inputs.edge_index.shape[1])
+    n_chunk = n_obs if chunk_size is None else min(chunk_size, n_obs)
+    # in-edges of a chunk scale with its share of the spots
+    chunk_edges = int(n_edges * n_chunk / max(n_obs, 1))
+    arch = model.architecture
+    n_components = arch.n_components
+    dims = {k: min(n_components, v) if n_components else v for k, v in inputs.dims.items()}
+    n_tokens = {
+        "region": int(inputs.region_tokens.shape[1]),
+        "global": int(inputs.global_tokens.shape[1]),
+    }
+    reduced = n_obs * (dims["spot_dim"] + sum(n_tokens[k] * dims[f"{k}_dim"] for k in n_tokens))
+    sizes = {
+        "dims": dims,
+        "n_tokens": n_tokens,
+        "n_genes": len(model.genes),
+        "hidden_dim": arch.hidden_dim,
+        "n_heads": arch.n_heads,
+        "n_gat_layers": arch.n_gat_layers,
+        "n_iterations": arch.n_iterations,
+        "training": False,
+    }
+    chunk = network_bytes(n_chunk, chunk_edges, **sizes)
+    # per member: (n, hidden) streams and rounds, (n, genes) outputs; the propagation is whole
+    whole = n_obs * model.n_models * (8 * arch.hidden_dim + 8 * len(model.genes))
+    propagation = network_bytes(n_obs, n_edges, **sizes).parts["propagation"]
+    return chunk + MemoryEstimate(
+        {
+            "features": reduced * FLOAT,
+            "heads": whole * FLOAT,
+            "propagation": propagation,
+        }
+    )
 
 
 def _torch_load(path: Path, what: str) -> Any:

@@ -8,9 +8,9 @@ from torch_geometric.nn import GATv2Conv
 
 from asign_sc._keys import LEVELS
 from asign_sc.models._fusion import MultiLevelFusion
+from asign_sc.models._sampling import message_passing_chunks
 
 __all__ = ["MSAGNet", "SpatialGraphAttention", "SpotwiseLayers"]
-
 
 
 class SpatialGraphAttention(nn.Module):
@@ -91,6 +91,43 @@ class SpatialGraphAttention(nn.Module):
             h = self.dropout(self.act(conv(h, edge_index, edge_attr)))
             rounds.append(h)
         return self.out(torch.cat(rounds, dim=-1))
+
+    @torch.no_grad()
+    def forward_layerwise(
+        self,
+        x: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_weight: torch.Tensor,
+        *,
+        chunk_size: int,
+    ) -> torch.Tensor:
+        """:meth:`forward` in evaluation mode, one round at a time over chunks of targets.
+
+        Each round runs on chunks of ``chunk_size`` target spots with all their in-edges
+        (:func:`~asign_sc.models._sampling.message_passing_chunks`), so memory is bounded by
+        a chunk's edges x heads instead of the whole graph's; the result equals
+        :meth:`forward` up to float summation order.
+        """
+        if self.training:
+            raise RuntimeError("forward_layerwise is for evaluation; call .eval() first.")
+        chunks = message_passing_chunks(edge_index, edge_weight, x.shape[0], chunk_size)
+        rounds = []
+        h = x
+        for conv in self.convs:
+            out = h.new_empty(h.shape[0], conv.heads * conv.out_channels)
+            for chunk in chunks:
+                local = conv(
+                    h[chunk.nodes], chunk.edge_index, chunk.edge_weight.reshape(-1, 1).to(h.dtype)
+                )
+                out[chunk.targets] = self.act(local[: len(chunk.targets)])
+            rounds.append(out)
+            h = out
+        return torch.cat(
+            [
+                self.out(torch.cat([r[i : i + chunk_size] for r in rounds], dim=-1))
+                for i in range(0, x.shape[0], chunk_size)
+            ]
+        )
 
 
 class SpotwiseLayers(nn.Module):
@@ -264,3 +301,53 @@ class MSAGNet(nn.Module):
         out = {level: self.heads[level](streams[:, i]) for i, level in enumerate(LEVELS)}
         out["embedding"] = streams[:, 0]
         return out
+
+    @torch.no_grad()
+    def forward_layerwise(
+        self,
+        spot: torch.Tensor,
+        region_tokens: torch.Tensor,
+        global_tokens: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_weight: torch.Tensor,
+        *,
+        chunk_size: int,
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`forward` in evaluation mode with memory bounded by ``chunk_size`` spots.
+
+        The fusion (spots x tokens x features, the largest tensors), the transformer and the
+        heads run on ``chunk_size`` spots at a time; the graph attention round by round over
+        chunks of targets (:meth:`SpatialGraphAttention.forward_layerwise`). Only
+        ``(n, hidden_dim)`` streams are held for the whole stack. Equal to :meth:`forward` up
+        to float summation order.
+        """
+        if self.training:
+            raise RuntimeError("forward_layerwise is for evaluation; call .eval() first.")
+        n = spot.shape[0]
+        parts: dict[str, list[torch.Tensor]] = {"fused": [], "region": [], "global": []}
+        for i in range(0, n, chunk_size):
+            rows = slice(i, i + chunk_size)
+            fused = self.fusion(spot[rows], region_tokens[rows], global_tokens[rows])
+            for key, values in parts.items():
+                values.append(fused[key])
+        streams_in = {key: torch.cat(values) for key, values in parts.items()}
+        if self.graph_attention:
+            graph = self.gat.forward_layerwise(
+                streams_in.pop("fused"), edge_index, edge_weight, chunk_size=chunk_size
+            )
+        else:
+            fused = streams_in.pop("fused")
+            graph = torch.cat(
+                [self.spotwise(fused[i : i + chunk_size]) for i in range(0, n, chunk_size)]
+            )
+        outs: dict[str, list[torch.Tensor]] = {key: [] for key in (*LEVELS, "embedding")}
+        for i in range(0, n, chunk_size):
+            rows = slice(i, i + chunk_size)
+            streams = torch.stack(
+                [graph[rows], streams_in["region"][rows], streams_in["global"][rows]], dim=1
+            )
+            streams = self.transformer(streams + self.level_embedding)
+            for j, level in enumerate(LEVELS):
+                outs[level].append(self.heads[level](streams[:, j]))
+            outs["embedding"].append(streams[:, 0])
+        return {key: torch.cat(values) for key, values in outs.items()}

@@ -1,8 +1,12 @@
-"""The training plan of ASIGN: splits, masked full-graph epochs, early stopping, ensembles.
+"""The training plan of ASIGN: splits, masked epochs, mini-batches, early stopping, ensembles.
 
 Full-graph training needs no Lightning: one optimiser step per epoch over the whole stack.
-The split into a module (:class:`~asign_sc.models.ASIGNNet`), a plan (this file) and a
-model wrapper (:class:`~asign_sc.models.ASIGNModel`) follows scvi-tools, kept light.
+Large stacks train on mini-batches instead: spatially contiguous tiles of the known spots
+with their neighbourhood in the 3D graph (:mod:`asign_sc.models._sampling`), one optimiser
+step per tile, optionally sharded over the processes of a ``torch.distributed`` group
+(:mod:`asign_sc.models._distributed`). The split into a module
+(:class:`~asign_sc.models.ASIGNNet`), a plan (this file) and a model wrapper
+(:class:`~asign_sc.models.ASIGNModel`) follows scvi-tools, kept light.
 """
 
 from __future__ import annotations
@@ -22,16 +26,84 @@ from tqdm.auto import tqdm
 from asign_sc._errors import InvalidStackError
 from asign_sc._keys import LEVELS
 from asign_sc.models._asign import ASIGNNet
-from asign_sc.models._config import TrainingConfig
+from asign_sc.models._config import MIN_BATCH_SIZE, TrainingConfig
 from asign_sc.models._data import GraphInputs
 from asign_sc.models._losses import ASIGNLoss, pcc_loss
+from asign_sc.models._memory import (
+    MemoryEstimate,
+    check_memory,
+    memory_budget,
+    network_bytes,
+)
+from asign_sc.models._sampling import GraphSampler, Subgraph, spatial_batches
 
-__all__ = ["EnsembleFit", "TrainingPlan", "fit_ensemble", "split_validation"]
+__all__ = [
+    "AUTO_BATCH_SIZE",
+    "FULL_GRAPH_MAX_SPOTS",
+    "EnsembleFit",
+    "TrainingPlan",
+    "fit_ensemble",
+    "resolve_batch_size",
+    "split_validation",
+]
 
 logger = logging.getLogger(__name__)
 
 VAL_SMOOTHING = 0.8
 """Weight of the past in the exponential moving average of the validation loss."""
+
+FULL_GRAPH_MAX_SPOTS = 5_000
+"""Largest stack ``batch_size="auto"`` trains full-graph. Measured with
+``benchmarks/minibatch.py`` (synthetic 10-section stacks, one known section, 64-d features
+with 9 tokens per level, ``hidden_dim=128``, 1 thread, load average about 10 on 2 cores, so
+absolute times are inflated several-fold): a full-graph epoch took 1.6 s at 2,000 spots,
+11 s at 5,000 and 22 s at 10,000 (it grows with the whole stack), mini-batch epochs 1.0,
+3.1 and 13.7 s (they grow with the known spots' neighbourhood). Full-graph training is the
+paper's protocol and converges in fewer epochs, so it is kept while an epoch stays around a
+second on an idle machine; her2st patient C (910 spots; ~3,000 for a whole Visium section
+stack of that size) trains full-graph, unchanged."""
+AUTO_BATCH_SIZE = 2048
+"""Known spots per mini-batch of ``batch_size="auto"``."""
+
+
+def resolve_batch_size(
+    batch_size: int | str | None,
+    *,
+    n_obs: int,
+    n_pool: int,
+    world_size: int = 1,
+    full_graph_fits: bool = True,
+) -> int | None:
+    """The mini-batch size training uses (``None``: full-graph).
+
+    Parameters
+    ----------
+    batch_size
+        ``TrainingConfig.batch_size``.
+    n_obs
+        Spots of the stack.
+    n_pool
+        Training spots (the pool the batches are cut from).
+    world_size
+        Processes training together; several need mini-batches to share out.
+    full_graph_fits
+        Whether the memory estimate of a full-graph epoch fits the budget.
+    """
+    if batch_size is None:
+        if world_size > 1:
+            raise ValueError(
+                f"Training on {world_size} devices shares mini-batches between them, but "
+                "TrainingConfig(batch_size=None) asks for full-graph training. Use "
+                "batch_size='auto' or a number of spots per batch, or devices=1."
+            )
+        return None
+    if batch_size == "auto":
+        if world_size == 1 and n_obs <= FULL_GRAPH_MAX_SPOTS and full_graph_fits:
+            return None
+        # at least one batch per process
+        per_process = math.ceil(n_pool / world_size)
+        return max(MIN_BATCH_SIZE, min(AUTO_BATCH_SIZE, per_process))
+    return int(batch_size)
 
 
 def split_validation(
@@ -97,7 +169,26 @@ def _blocked_split(
 
 
 class TrainingPlan:
-    """Full-graph training of one network with masked propagation and early stopping.
+    """Training of one network with masked propagation, mini-batches and early stopping.
+
+    Full-graph (``batch_size=None``): every epoch runs the network on all spots and takes one
+    optimiser step. Mini-batch (``batch_size`` spots): the training pool is cut once into
+    spatially contiguous tiles (:func:`~asign_sc.models._sampling.spatial_batches` of
+    ``tile_coords``); every epoch visits the tiles in a random order and takes one step per
+    tile on its subgraph, the tile's spots (seeds) plus their ``n_gat_layers``-hop closure in
+    the 3D graph. The network's outputs at the seeds are then exactly those of a full-graph
+    pass. The cross-layer propagation runs inside the subgraph only: labels reach a seed
+    from visible spots at most ``n_gat_layers`` hops beyond the tile (in full-graph training,
+    from anywhere within ``n_iterations`` hops), i.e. the propagation is truncated at the
+    closure's border during training; prediction propagates over the whole graph. The
+    consistency term is computed on the seeds. Validation runs on tiles of the held-out
+    spots in the same way, their losses computed over all of them at once.
+
+    With ``world_size > 1`` (a ``torch.distributed`` group), every process draws the same
+    masks and tile order and takes its share of the tiles (tile ``rank``, ``rank +
+    world_size``, ... padded by wrapping around so all take as many steps), and the network
+    is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`, which averages the
+    gradients of a step over the processes.
 
     Parameters
     ----------
@@ -106,7 +197,7 @@ class TrainingPlan:
     config
         Optimiser, masking, validation and loss settings.
     epochs
-        Maximum number of epochs (one optimiser step each).
+        Maximum number of epochs.
     inputs
         The stack's reduced inputs.
     rows
@@ -121,6 +212,13 @@ class TrainingPlan:
         Random generator of the masks.
     device
         Where to train.
+    batch_size
+        Training spots per mini-batch; ``None``: full-graph.
+    tile_coords
+        ``(len(rows), 2)`` positions of the known spots the tiles are cut in (needed for
+        mini-batches).
+    rank, world_size
+        This process and the number of processes of the ``torch.distributed`` group.
     """
 
     def __init__(
@@ -137,10 +235,15 @@ class TrainingPlan:
         val_pos: np.ndarray,
         rng: np.random.Generator,
         device: torch.device,
+        batch_size: int | None = None,
+        tile_coords: np.ndarray | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         n_obs = inputs.spot.shape[0]
         self.rng, self.device, self.n_obs, self.epochs = rng, device, n_obs, epochs
-        self.config = config
+        self.config, self.batch_size = config, batch_size
+        self.rank, self.world_size = rank, world_size
         self.net = net.to(device)
         self.inputs = inputs.to(device)
         self.loss = ASIGNLoss(config.loss_weights)
@@ -156,8 +259,16 @@ class TrainingPlan:
         # validation input: a fixed share of the pool visible, as dense as in training
         n_visible = max(1, round((1 - config.mask_fraction) * len(self.pool_pos)))
         self.val_visible = self._mask(rng.choice(self.pool_pos, n_visible, replace=False))
+        if batch_size is not None:
+            self._prepare_batches(rows, tile_coords, batch_size)
+        self._check_memory()
 
         self.net.network.set_output_bias({level: self.targets[level].mean(0) for level in LEVELS})
+        self.model: torch.nn.Module = self.net
+        if world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.net)
         params = self.net.parameters()
         if config.optimizer == "adamw":
             self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
@@ -173,6 +284,60 @@ class TrainingPlan:
         )
         self.best_epoch = 0
 
+    # -- set-up ---------------------------------------------------------------------------
+    def _prepare_batches(
+        self, rows: np.ndarray, tile_coords: np.ndarray | None, batch_size: int
+    ) -> None:
+        """Cut pool and validation spots into tiles and build their subgraphs once."""
+        if tile_coords is None:
+            raise ValueError(
+                "Mini-batch training needs tile_coords (positions of the known spots)."
+            )
+        sampler = GraphSampler(self.inputs, n_hops=max(1, self.net.message_passing_rounds))
+        # seeds: positions into the pool (for the targets) and their table rows
+        self.train_tiles = spatial_batches(tile_coords[self.pool_pos], batch_size)
+        self.train_subgraphs = [sampler.closure(rows[self.pool_pos[t]]) for t in self.train_tiles]
+        val_tiles = (
+            spatial_batches(tile_coords[self.val_pos], batch_size) if len(self.val_pos) else []
+        )
+        self.val_subgraphs = [sampler.closure(rows[self.val_pos[t]]) for t in val_tiles]
+        # validation order: the tiles' seeds concatenated
+        self.val_rows = torch.as_tensor(
+            np.concatenate([g.nodes[: g.n_seeds] for g in self.val_subgraphs])
+            if val_tiles
+            else np.zeros(0, dtype=np.int64),
+            device=self.device,
+        )
+        sizes = [len(g.nodes) for g in self.train_subgraphs]
+        logger.info(
+            "Mini-batch training: %d tiles of <= %d training spots, subgraphs of %d-%d spots "
+            "(%d-hop closures) in a stack of %d.",
+            len(self.train_tiles),
+            batch_size,
+            min(sizes),
+            max(sizes),
+            sampler.n_hops,
+            self.n_obs,
+        )
+
+    def memory_estimate(self) -> MemoryEstimate:
+        """Estimated memory of one training step (full graph or the largest subgraph)."""
+        if self.batch_size is None:
+            n_nodes, n_edges = self.n_obs, int(self.inputs.edge_index.shape[1])
+        else:
+            largest = max(self.train_subgraphs, key=lambda g: len(g.nodes))
+            n_nodes, n_edges = len(largest.nodes), int(largest.inputs.edge_index.shape[1])
+        return training_step_bytes(self.net, self.inputs, n_nodes, n_edges)
+
+    def _check_memory(self) -> None:
+        budget = memory_budget(self.config.max_memory_gb, self.device)
+        what = (
+            f"Full-graph training on {self.n_obs} spots"
+            if self.batch_size is None
+            else f"Mini-batch training (batch_size={self.batch_size})"
+        )
+        check_memory(self.memory_estimate(), budget, what=what)
+
     def _mask(self, positions: np.ndarray) -> torch.Tensor:
         mask = torch.zeros(self.n_obs, dtype=torch.bool, device=self.device)
         mask[self.rows[torch.as_tensor(positions, device=self.device)]] = True
@@ -184,13 +349,16 @@ class TrainingPlan:
             pred, target, axis=weights.pcc_axis
         )
 
+    # -- one epoch ------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
         """One epoch: hide a random part of the pool, supervise it and the network heads."""
         self.net.train()
         n_hidden = max(1, round(self.config.mask_fraction * len(self.pool_pos)))
         hidden_pos = self.rng.choice(self.pool_pos, n_hidden, replace=False)
         visible = self._mask(np.setdiff1d(self.pool_pos, hidden_pos))
-        out = self.net(*self.inputs.args(), self.values, visible)
+        if self.batch_size is not None:
+            return self._batch_epoch(visible)
+        out = self.model(*self.inputs.args(), self.values, visible)
         net_loss, parts = self.loss(
             {level: out[level][self.pool_rows] for level in LEVELS},
             self.targets,
@@ -198,12 +366,18 @@ class TrainingPlan:
         )
         hidden_rows = self.rows[torch.as_tensor(hidden_pos, device=self.device)]
         blend_loss = self._spot_loss(out["prediction"][hidden_rows], self.values[hidden_rows])
+        record = self._optimise(net_loss, blend_loss, parts)
+        self.scheduler.step()
+        return record
+
+    def _optimise(
+        self, net_loss: torch.Tensor, blend_loss: torch.Tensor, parts: Mapping[str, torch.Tensor]
+    ) -> dict[str, float]:
         loss = net_loss + blend_loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), 5.0)
         self.optimizer.step()
-        self.scheduler.step()
         return {
             "loss": float(loss.detach()),
             "network_loss": float(net_loss.detach()),
@@ -212,25 +386,91 @@ class TrainingPlan:
             "pcc_spot": float(parts["pcc_spot"]),
         }
 
+    def _batch_epoch(self, visible: torch.Tensor) -> dict[str, float]:
+        """One step per tile (this process's share of them), in a random order."""
+        visible_pool = visible[self.pool_rows]
+        order = self.rng.permutation(len(self.train_subgraphs))
+        n_steps = math.ceil(len(order) / self.world_size)
+        records = []
+        for step in range(n_steps):
+            tile = int(order[(step * self.world_size + self.rank) % len(order)])
+            subgraph = self.train_subgraphs[tile]
+            seeds_in_pool = torch.as_tensor(self.train_tiles[tile], device=self.device)
+            records.append(self._batch_step(subgraph, seeds_in_pool, visible, visible_pool))
+        self.scheduler.step()
+        mean = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            keys = sorted(mean)
+            summed = torch.tensor([mean[k] for k in keys], dtype=torch.float64)
+            dist.all_reduce(summed)
+            mean = {k: float(v) / self.world_size for k, v in zip(keys, summed, strict=True)}
+        return mean
+
+    def _batch_step(
+        self,
+        subgraph: Subgraph,
+        seeds_in_pool: torch.Tensor,
+        visible: torch.Tensor,
+        visible_pool: torch.Tensor,
+    ) -> dict[str, float]:
+        nodes = torch.as_tensor(subgraph.nodes, device=self.device)
+        n_seeds = subgraph.n_seeds
+        values = self.values[nodes]
+        out = self.model(*subgraph.inputs.args(), values, visible[nodes])
+        net_loss, parts = self.loss(
+            {level: out[level][:n_seeds] for level in LEVELS},
+            {level: target[seeds_in_pool] for level, target in self.targets.items()},
+            consistency_pred={level: out[level][:n_seeds] for level in LEVELS},
+        )
+        hidden = torch.nonzero(~visible_pool[seeds_in_pool]).squeeze(1)
+        if len(hidden) >= 2:
+            blend_loss = self._spot_loss(out["prediction"][hidden], values[hidden])
+        else:
+            # keeps every parameter in the graph (DistributedDataParallel needs that)
+            blend_loss = 0.0 * out["prediction"].sum()
+        return self._optimise(net_loss, blend_loss, parts)
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Loss of the blended and network predictions on the validation spots."""
         self.net.eval()
-        out = self.net(*self.inputs.args(), self.values, self.val_visible)
-        rows = self.rows[torch.as_tensor(self.val_pos, device=self.device)]
+        if self.batch_size is None:
+            out = self.net(*self.inputs.args(), self.values, self.val_visible)
+            rows = self.rows[torch.as_tensor(self.val_pos, device=self.device)]
+            prediction, network = out["prediction"][rows], out["spot"][rows]
+        else:
+            predictions, networks = [], []
+            for subgraph in self.val_subgraphs:
+                nodes = torch.as_tensor(subgraph.nodes, device=self.device)
+                out = self.net(*subgraph.inputs.args(), self.values[nodes], self.val_visible[nodes])
+                predictions.append(out["prediction"][: subgraph.n_seeds])
+                networks.append(out["spot"][: subgraph.n_seeds])
+            rows, prediction, network = self.val_rows, torch.cat(predictions), torch.cat(networks)
         target = self.values[rows]
-        return {
-            "val_loss": float(self._spot_loss(out["prediction"][rows], target)),
-            "val_pcc": 1.0 - float(pcc_loss(out["prediction"][rows], target)),
-            "val_network_pcc": 1.0 - float(pcc_loss(out["spot"][rows], target)),
+        metrics = {
+            "val_loss": float(self._spot_loss(prediction, target)),
+            "val_pcc": 1.0 - float(pcc_loss(prediction, target)),
+            "val_network_pcc": 1.0 - float(pcc_loss(network, target)),
         }
+        if self.world_size > 1:
+            # every process decides early stopping on rank 0's numbers
+            import torch.distributed as dist
+
+            keys = sorted(metrics)
+            shared = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+            dist.broadcast(shared, 0)
+            metrics = {k: float(v) for k, v in zip(keys, shared, strict=True)}
+        return metrics
 
     def run(self, *, show_progress_bar: bool, desc: str = "ASIGN") -> pd.DataFrame:
         """Train until ``epochs`` or early stopping; returns the history, one row per epoch."""
         records: list[dict[str, float]] = []
         best, best_state, stale = math.inf, None, 0
         early_stopping = self.config.early_stopping
-        bar = tqdm(range(self.epochs), desc=desc, disable=not show_progress_bar, leave=False)
+        show = show_progress_bar and self.rank == 0
+        bar = tqdm(range(self.epochs), desc=desc, disable=not show, leave=False)
         for epoch in bar:
             record = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], **self.step()}
             if len(self.val_pos):
@@ -266,6 +506,38 @@ class TrainingPlan:
         return pd.DataFrame.from_records(records)
 
 
+def full_graph_fits(
+    net: ASIGNNet, config: TrainingConfig, inputs: GraphInputs, device: torch.device
+) -> bool:
+    """Whether a full-graph training step's memory estimate fits the budget."""
+    estimate = training_step_bytes(
+        net, inputs, inputs.spot.shape[0], int(inputs.edge_index.shape[1])
+    )
+    return estimate.total <= memory_budget(config.max_memory_gb, device)
+
+
+def training_step_bytes(
+    net: ASIGNNet, inputs: GraphInputs, n_nodes: int, n_edges: int
+) -> MemoryEstimate:
+    """Memory of one training step of ``net`` on ``n_nodes`` spots and ``n_edges`` edges."""
+    sizes = net.sizes
+    return network_bytes(
+        n_nodes,
+        n_edges,
+        dims=inputs.dims,
+        n_tokens={
+            "region": int(inputs.region_tokens.shape[1]),
+            "global": int(inputs.global_tokens.shape[1]),
+        },
+        n_genes=sizes["n_genes"],
+        hidden_dim=sizes["hidden_dim"],
+        n_heads=sizes["n_heads"],
+        n_gat_layers=net.message_passing_rounds or sizes["n_gat_layers"],
+        n_iterations=sizes["n_iterations"],
+        training=True,
+    )
+
+
 @dataclass
 class EnsembleFit:
     """What :func:`fit_ensemble` learned besides the weights."""
@@ -290,7 +562,10 @@ def fit_ensemble(
     seed: int,
     device: torch.device,
     coords: np.ndarray | None = None,
+    tile_coords: np.ndarray | None = None,
     show_progress_bar: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> EnsembleFit:
     """Train every member of an ensemble with its own seed, held-out spots and masks.
 
@@ -318,19 +593,70 @@ def fit_ensemble(
     coords
         ``(len(rows), 2)`` spot centres of the known spots, each section in its own region of
         the plane; needed for ``config.validation="blocked"``.
+    tile_coords
+        ``(len(rows), 2)`` positions the mini-batch tiles are cut in (aligned xy, so a tile
+        is a column through the known sections); default ``coords``.
     show_progress_bar
-        Show a progress bar per member.
+        Show a progress bar per member (on rank 0).
+    rank, world_size
+        This process and the size of its ``torch.distributed`` group (the group must be
+        initialised when ``world_size > 1``).
 
     Returns
     -------
     The histories, best epochs and held-out spots of the members.
     """
-    histories, best_epochs, validation = [], [], []
-    n_models = len(members)
-    for k, member in enumerate(members):
-        member_seed = seed + k
-        rng = np.random.default_rng(member_seed)
-        torch.manual_seed(member_seed)
+    splits = split_members(
+        len(members), config, rows=rows, pool_targets=pool_targets, seed=seed, coords=coords
+    )
+    return train_members(
+        members,
+        splits,
+        config,
+        epochs=epochs,
+        inputs=inputs,
+        rows=rows,
+        spot_targets=spot_targets,
+        seed=seed,
+        device=device,
+        tile_coords=tile_coords if tile_coords is not None else coords,
+        show_progress_bar=show_progress_bar,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+@dataclass
+class MemberSplit:
+    """One member's held-out and training spots, their targets, and its random generator."""
+
+    rng: np.random.Generator
+    """Generator of the member's masks (already used for the split)."""
+    val_pos: np.ndarray
+    """Positions (into the known rows) of the validation spots."""
+    pool_pos: np.ndarray
+    """Positions of the training pool."""
+    pool_targets: dict[str, np.ndarray]
+    """Spot, region and global targets of the pool."""
+
+
+def split_members(
+    n_models: int,
+    config: TrainingConfig,
+    *,
+    rows: np.ndarray,
+    pool_targets: Callable[[np.ndarray], Mapping[str, np.ndarray]],
+    seed: int,
+    coords: np.ndarray | None = None,
+) -> list[MemberSplit]:
+    """Draw every member's validation split (member ``k`` with seed ``seed + k``).
+
+    The splits and targets are plain arrays, so they can be sent to the processes of a
+    distributed fit; see :func:`fit_ensemble` for the parameters.
+    """
+    splits = []
+    for k in range(n_models):
+        rng = np.random.default_rng(seed + k)
         val_pos, pool_pos = split_validation(
             len(rows),
             config.validation_fraction,
@@ -339,6 +665,39 @@ def fit_ensemble(
             coords=coords if config.validation == "blocked" else None,
             buffer=config.validation_buffer,
         )
+        targets = {k: np.asarray(v) for k, v in pool_targets(rows[pool_pos]).items()}
+        splits.append(MemberSplit(rng, val_pos, pool_pos, targets))
+    return splits
+
+
+def train_members(
+    members: torch.nn.ModuleList,
+    splits: list[MemberSplit],
+    config: TrainingConfig,
+    *,
+    epochs: int,
+    inputs: GraphInputs,
+    rows: np.ndarray,
+    spot_targets: np.ndarray,
+    seed: int,
+    device: torch.device,
+    tile_coords: np.ndarray | None = None,
+    show_progress_bar: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> EnsembleFit:
+    """Train every member on its split (see :func:`fit_ensemble` for the parameters)."""
+    histories, best_epochs, validation = [], [], []
+    n_models = len(members)
+    for k, (member, split) in enumerate(zip(members, splits, strict=True)):
+        torch.manual_seed(seed + k)
+        batch_size = resolve_batch_size(
+            config.batch_size,
+            n_obs=inputs.spot.shape[0],
+            n_pool=len(split.pool_pos),
+            world_size=world_size,
+            full_graph_fits=full_graph_fits(member, config, inputs, device),
+        )
         plan = TrainingPlan(
             member,
             config,
@@ -346,11 +705,15 @@ def fit_ensemble(
             inputs,
             rows,
             spot_targets,
-            pool_targets(rows[pool_pos]),
-            pool_pos=pool_pos,
-            val_pos=val_pos,
-            rng=rng,
+            split.pool_targets,
+            pool_pos=split.pool_pos,
+            val_pos=split.val_pos,
+            rng=split.rng,
             device=device,
+            batch_size=batch_size,
+            tile_coords=tile_coords,
+            rank=rank,
+            world_size=world_size,
         )
         history = plan.run(
             show_progress_bar=show_progress_bar,
@@ -359,5 +722,5 @@ def fit_ensemble(
         history.insert(0, "member", k)
         histories.append(history)
         best_epochs.append(plan.best_epoch)
-        validation.append(val_pos)
+        validation.append(split.val_pos)
     return EnsembleFit(pd.concat(histories, ignore_index=True), best_epochs, validation)

@@ -16,8 +16,9 @@ from asign_sc._stack import SectionStack, validate_counts
 from asign_sc._utils import resolve_device, update_params
 from asign_sc.models._config import ArchitectureConfig, TrainingConfig
 from asign_sc.models._data import StackData, known_targets, resolve_windows
+from asign_sc.models._distributed import fit_members
 from asign_sc.models._model import ASIGNModel
-from asign_sc.models._training import fit_ensemble
+from asign_sc.models._sampling import tile_coordinates
 from asign_sc.pp._expression import known_rows, resolve_known_sections, select_genes
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ def fit_asign(
     n_models: int = 3,
     epochs: int = 300,
     device: str | torch.device = "auto",
+    devices: int = 1,
     seed: int = 0,
     show_progress_bar: bool = True,
     key_added: str = "asign",
@@ -55,8 +57,12 @@ def fit_asign(
     Expression of the known sections is normalised as ``log1p`` of library-size-normalised
     counts (counts per ``training.target_sum``, library size over all genes), the same at
     prediction; region and global targets sum the counts of the spots in the region/global
-    window (eq. 10). Training is full-graph: every epoch runs the network on all spots of the
-    stack (images only) and propagates labels over the 3D graph. Each epoch hides a random
+    window (eq. 10). Stacks of up to 5,000 spots train full-graph: every epoch runs the
+    network on all spots of the stack (images only) and propagates labels over the 3D graph;
+    larger ones train on mini-batches, tiles of the known spots with their neighbourhood in
+    the graph (``TrainingConfig(batch_size=...)``, see :doc:`/concepts`, "Large stacks"),
+    after a memory estimate that fails early, naming the setting to change, when it does not
+    fit. Each epoch hides a random
     ``mask_fraction`` of the training spots from the propagation input and supervises the
     blended prediction on exactly those spots, so a spot's own label never enters its
     prediction; the network heads are supervised on all training spots (eq. 7-9). A
@@ -104,6 +110,14 @@ def fit_asign(
     epochs
         Maximum number of full-graph epochs (one optimiser step each).
     {device}
+    devices
+        Train on this many processes with :class:`~torch.nn.parallel.DistributedDataParallel`
+        (``gloo`` on CPU; ``nccl`` with one CUDA device each), the mini-batches shared out
+        between them; 1 (default) trains in this process. The processes are spawned by this
+        call, or, when the script runs under ``torchrun`` (``RANK``/``WORLD_SIZE`` set),
+        the launcher's processes are joined (then save results on rank 0 only). A process
+        that fails makes the call raise and leaves the stack unchanged. See
+        :doc:`/concepts`, "Several processes".
     seed
         Seed of the initialisation and of every random split; CPU training is deterministic.
     {show_progress_bar}
@@ -150,6 +164,7 @@ def fit_asign(
         features_key=features_key,
         graph_key=graph_key,
         standardize=training.standardize_features,
+        max_memory_gb=training.max_memory_gb,
     )
     dev = resolve_device(device)
     torch.manual_seed(seed)
@@ -171,9 +186,10 @@ def fit_asign(
     model.net.fit_reduction(stack_data.inputs.features(), seed=seed)
     inputs = stack_data.inputs.reduced(model.net)
     del stack_data  # the wide features are not needed once reduced
-    fit = fit_ensemble(
+    fit = fit_members(
         model.net.members,
         training,
+        devices=devices,
         epochs=int(epochs),
         inputs=inputs,
         rows=rows,
@@ -182,6 +198,7 @@ def fit_asign(
         seed=seed,
         device=dev,
         coords=_separated_coords(stack)[rows],
+        tile_coords=tile_coordinates(stack)[rows],
         show_progress_bar=show_progress_bar,
     )
     model.net.eval()

@@ -54,3 +54,71 @@ def test_split_errors():
         split_validation(100, 0.0, True, np.random.default_rng(0))
     with pytest.raises(InvalidStackError, match="at least 4"):
         split_validation(5, 0.4, True, np.random.default_rng(0))
+
+
+# -- mini-batches --------------------------------------------------------------------------
+def test_auto_batch_size_keeps_small_stacks_full_graph():
+    from asign_sc.models._training import (
+        AUTO_BATCH_SIZE,
+        FULL_GRAPH_MAX_SPOTS,
+        resolve_batch_size,
+    )
+
+    assert resolve_batch_size("auto", n_obs=910, n_pool=150) is None
+    assert resolve_batch_size("auto", n_obs=FULL_GRAPH_MAX_SPOTS + 1, n_pool=9000) == (
+        AUTO_BATCH_SIZE
+    )
+    # too large for memory: mini-batches whatever the size
+    assert resolve_batch_size("auto", n_obs=910, n_pool=150, full_graph_fits=False) == 150
+    # several processes: at least one batch each
+    assert resolve_batch_size("auto", n_obs=910, n_pool=150, world_size=2) == 75
+    assert resolve_batch_size(None, n_obs=10**6, n_pool=10**5) is None
+    assert resolve_batch_size(64, n_obs=100, n_pool=50) == 64
+    with pytest.raises(ValueError, match="devices=1"):
+        resolve_batch_size(None, n_obs=100, n_pool=50, world_size=2)
+
+
+def test_minibatch_plan_steps_once_per_tile_on_the_tiles_neighbourhood(one_thread):
+    import torch
+
+    from asign_sc.models import ASIGNNet, GraphInputs, TrainingConfig
+    from asign_sc.models._training import TrainingPlan
+
+    from .conftest import Toy
+
+    toy = Toy(n=150)
+    known = np.flatnonzero(toy.known.numpy())
+    targets = toy.values.numpy()[known]
+    rng = np.random.default_rng(0)
+    val_pos, pool_pos = split_validation(len(known), 0.2, True, rng)
+    torch.manual_seed(0)
+    net = ASIGNNet(*toy.dims, toy.n_genes, hidden_dim=16, n_gat_layers=2)
+    plan = TrainingPlan(
+        net,
+        TrainingConfig(batch_size=32),
+        3,
+        GraphInputs(toy.spot, toy.region, toy.glob, toy.edge_index, toy.edge_weight, toy.adjacency),
+        known,
+        targets,
+        {level: targets[pool_pos] for level in ("spot", "region", "global")},
+        pool_pos=pool_pos,
+        val_pos=val_pos,
+        rng=rng,
+        device=torch.device("cpu"),
+        batch_size=32,
+        tile_coords=np.random.default_rng(1).uniform(size=(len(known), 2)),
+    )
+    n_tiles = len(plan.train_subgraphs)
+    assert n_tiles == int(np.ceil(len(pool_pos) / 32)) or n_tiles == len(plan.train_tiles)
+    seeds = np.concatenate([g.nodes[: g.n_seeds] for g in plan.train_subgraphs])
+    np.testing.assert_array_equal(np.sort(seeds), np.sort(known[pool_pos]))
+    # validation tiles never hold a training spot as a seed
+    val_seeds = plan.val_rows.numpy()
+    assert not set(val_seeds) & set(known[pool_pos])
+    steps = []
+    plan.optimizer.step = (lambda step: lambda *a, **k: (steps.append(1), step(*a, **k))[1])(
+        plan.optimizer.step
+    )
+    history = plan.run(show_progress_bar=False)
+    assert n_tiles >= 2 and len(history) == 3 and len(steps) == 3 * n_tiles
+    assert np.isfinite(history[["loss", "val_loss", "val_pcc"]].to_numpy()).all()

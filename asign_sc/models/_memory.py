@@ -1,0 +1,198 @@
+"""Memory estimates of training and prediction, checked before any work is done.
+
+A stack too large for the chosen settings should fail at once with a message naming the
+setting to change, not be killed for lack of memory minutes later. The estimates count the
+float32 tensors of one forward (and backward) pass from the shapes involved: spots x tokens x
+feature sizes for the fusion, edges x heads for the graph attention, spots x genes x
+iterations for the propagation. They are upper-end approximations (within about a factor of
+two of torch's peak on CPU), not measurements.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "InsufficientMemoryError",
+    "MemoryEstimate",
+    "available_memory",
+    "check_memory",
+    "features_bytes",
+    "network_bytes",
+]
+
+logger = logging.getLogger(__name__)
+
+FLOAT = 4
+"""Bytes per float32."""
+GB = 1024**3
+
+HINTS = {
+    "features": (
+        "the stored image features are too wide: extract them with a smaller token grid "
+        "(asign_sc.tl.extract_features(tokens=2)) or reduced "
+        "(asign_sc.tl.extract_features(n_components=64))"
+    ),
+    "fusion": (
+        "the token cross-attention of each batch is too large: lower "
+        "TrainingConfig(batch_size=...), ArchitectureConfig(n_components=...) or "
+        "ArchitectureConfig(hidden_dim=...), or extract fewer tokens "
+        "(asign_sc.tl.extract_features(tokens=2))"
+    ),
+    "graph_attention": (
+        "the graph attention of each batch (edges x heads) is too large: lower "
+        "TrainingConfig(batch_size=...) or ArchitectureConfig(hidden_dim=...), or build the "
+        "3D graph with fewer neighbours"
+    ),
+    "transformer": (
+        "the per-spot transformer of each batch is too large: lower "
+        "TrainingConfig(batch_size=...) or ArchitectureConfig(hidden_dim=...)"
+    ),
+    "propagation": (
+        "the cross-layer propagation (spots x genes x iterations) is too large: model fewer "
+        "genes (fit_asign(n_top_genes=...)), lower TrainingConfig(batch_size=...) or "
+        "ArchitectureConfig(n_iterations=...)"
+    ),
+    "heads": "the output heads are too large: model fewer genes (fit_asign(n_top_genes=...))",
+    "parameters": "the network is too large: lower ArchitectureConfig(hidden_dim=...)",
+}
+
+
+class InsufficientMemoryError(MemoryError):
+    """Settings whose estimated memory exceeds the budget (raised before any work)."""
+
+
+@dataclass
+class MemoryEstimate:
+    """Estimated bytes per part of a computation."""
+
+    parts: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        """Sum of the parts (bytes)."""
+        return float(sum(self.parts.values()))
+
+    def __add__(self, other: MemoryEstimate) -> MemoryEstimate:
+        parts = dict(self.parts)
+        for key, value in other.parts.items():
+            parts[key] = parts.get(key, 0.0) + value
+        return MemoryEstimate(parts)
+
+    def describe(self) -> str:
+        """``"fusion 1.2 GB, graph_attention 0.3 GB, ..."``, largest first."""
+        items = sorted(self.parts.items(), key=lambda kv: -kv[1])
+        return ", ".join(f"{k} {v / GB:.2f} GB" for k, v in items)
+
+
+def features_bytes(
+    n_obs: int, dims: Mapping[str, int], n_tokens: Mapping[str, int]
+) -> MemoryEstimate:
+    """The float32 feature arrays read from the table (one copy, standardised in place).
+
+    Parameters
+    ----------
+    n_obs
+        Spots.
+    dims
+        ``{"spot_dim", "region_dim", "global_dim"}``.
+    n_tokens
+        ``{"region", "global"}`` tokens per spot.
+    """
+    width = dims["spot_dim"] + sum(n_tokens[k] * dims[f"{k}_dim"] for k in ("region", "global"))
+    return MemoryEstimate({"features": float(n_obs) * width * FLOAT})
+
+
+def network_bytes(
+    n_nodes: int,
+    n_edges: int,
+    *,
+    dims: Mapping[str, int],
+    n_tokens: Mapping[str, int],
+    n_genes: int,
+    hidden_dim: int,
+    n_heads: int,
+    n_gat_layers: int,
+    n_iterations: int,
+    training: bool,
+) -> MemoryEstimate:
+    """Activations of one pass of :class:`~asign_sc.models.ASIGNNet` over a (sub)graph.
+
+    ``dims`` are the (reduced) feature sizes the network reads. With ``training=True`` the
+    saved activations of every stage and their gradients count (twice the forward sum);
+    without, only the largest stage plus the tensors kept between stages.
+    """
+    n, e, h, g = float(n_nodes), float(n_edges + n_nodes), float(hidden_dim), float(n_genes)
+    tokens = n_tokens["region"] + n_tokens["global"]
+    stages = {
+        # inputs, projections (linear, GELU, dropout) and q/k/v/attention per token
+        "fusion": n
+        * (
+            dims["spot_dim"]
+            + sum(n_tokens[k] * dims[f"{k}_dim"] for k in ("region", "global"))
+            + h * (3 + 7 * tokens)
+            + n_heads * tokens * 3
+        ),
+        # per edge (self-loops included): x_i, x_j, their sum, activation, message; logits,
+        # softmax, dropout per head; per node the two linear maps and the layer output
+        "graph_attention": n_gat_layers * (e * (5 * h + 4 * n_heads) + n * 6 * h),
+        # three streams of width h through attention, norms and a 2h feed-forward
+        "transformer": n * 3 * h * 16,
+        "heads": n * 3 * g * 3,
+        # per iteration: weighted labels, numerator, denominator, new values, clamping
+        "propagation": n_iterations * (n * g * 6 + n * 6) + n * g * 4,
+    }
+    parts = {k: v * FLOAT for k, v in stages.items()}
+    if training:
+        return MemoryEstimate({k: 2 * v for k, v in parts.items()})
+    largest = max(parts, key=parts.__getitem__)
+    kept = {"heads": parts["heads"], "propagation": parts["propagation"]}
+    kept[largest] = parts[largest]
+    return MemoryEstimate(kept)
+
+
+def available_memory(device: torch.device | str = "cpu") -> int:
+    """Bytes available now: free CUDA memory of ``device``, else available host RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil  # a dependency of distributed, itself a dependency of asign_sc
+
+    return int(psutil.virtual_memory().available)
+
+
+def memory_budget(max_memory_gb: float | None, device: torch.device | str = "cpu") -> int:
+    """``max_memory_gb`` in bytes, or the available memory when ``None``."""
+    if max_memory_gb is not None:
+        return int(max_memory_gb * GB)
+    return available_memory(device)
+
+
+def check_memory(estimate: MemoryEstimate, budget: float, *, what: str) -> None:
+    """Raise :class:`InsufficientMemoryError` naming the setting to change if over budget.
+
+    Parameters
+    ----------
+    estimate
+        The estimated parts.
+    budget
+        Bytes available.
+    what
+        The computation, for the message (``"training on 12 000 spots"``).
+    """
+    logger.debug(
+        "Memory estimate of %s: %s (budget %.2f GB).", what, estimate.describe(), budget / GB
+    )
+    if estimate.total <= budget:
+        return
+    largest = max(estimate.parts, key=estimate.parts.__getitem__)
+    raise InsufficientMemoryError(
+        f"{what} needs about {estimate.total / GB:.2f} GB ({estimate.describe()}), more than "
+        f"the {budget / GB:.2f} GB available (TrainingConfig(max_memory_gb=...) sets the "
+        f"budget). The largest part is {largest}: {HINTS[largest]}."
+    )

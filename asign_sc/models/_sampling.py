@@ -1,0 +1,248 @@
+"""Subgraphs of the 3D spot graph for mini-batch training and bounded-memory inference.
+
+A mini-batch is a spatially contiguous set of *seed* spots (a tile of the aligned xy plane,
+so with several known sections a column through them) plus its ``k``-hop closure in the 3D
+graph. With ``k`` equal to the number of graph-attention rounds the network's outputs at the
+seeds are exactly those of a full-graph pass: a node's output after ``r`` rounds depends only
+on nodes within ``r`` hops, and every node within ``k - r`` hops of a seed keeps all its
+in-edges in the closure.
+
+torch_geometric's ``NeighborLoader`` samples neighbours (inexact) and needs pyg-lib or
+torch-sparse for its sampler; the closure here is a breadth-first search on the CSR matrix
+of the graph (scipy), exact and dependency-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from asign_sc._keys import Key
+from asign_sc.models._data import GraphInputs
+
+if TYPE_CHECKING:
+    from asign_sc._stack import SectionStack
+
+__all__ = [
+    "GraphSampler",
+    "MessageChunk",
+    "Subgraph",
+    "khop_closure",
+    "message_passing_chunks",
+    "spatial_batches",
+    "tile_coordinates",
+]
+
+
+def spatial_batches(coords: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Split points into spatially contiguous batches of at most ``batch_size``.
+
+    Recursive coordinate bisection: a set larger than ``batch_size`` is cut at the median of
+    its longer axis, so batches are compact tiles of (nearly) equal size.
+
+    Parameters
+    ----------
+    coords
+        ``(n, 2)`` point positions (aligned xy: a tile then spans every section).
+    batch_size
+        Maximum points per batch.
+
+    Returns
+    -------
+    Positions into ``coords``, one sorted array per batch, in a deterministic order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+    coords = np.asarray(coords, dtype=float)
+    batches: list[np.ndarray] = []
+    stack = [np.arange(len(coords))]
+    while stack:
+        members = stack.pop()
+        if len(members) <= batch_size:
+            if len(members):
+                batches.append(np.sort(members))
+            continue
+        points = coords[members]
+        axis = int(np.argmax(np.ptp(points, axis=0)))
+        order = members[np.argsort(points[:, axis], kind="stable")]
+        half = len(order) // 2
+        stack.extend([order[half:], order[:half]])
+    return batches
+
+
+def tile_coordinates(stack: SectionStack) -> np.ndarray:
+    """``(n_obs, 2)`` positions the training tiles are cut in.
+
+    The aligned frame (``obsm["spatial_aligned"]`` of :func:`asign_sc.tl.register_sections`)
+    when present, so a tile is a column through all known sections; else each section's own
+    spot centres.
+    """
+    table = stack.table
+    if Key.obsm.spatial_aligned in table.obsm:
+        coords = np.asarray(table.obsm[Key.obsm.spatial_aligned], dtype=float)[:, :2]
+        if np.all(np.isfinite(coords)):
+            return coords
+    coords = np.zeros((table.n_obs, 2))
+    for section in stack:
+        coords[section.rows] = section.spatial
+    return coords
+
+
+def khop_closure(graph: sp.csr_matrix, seeds: np.ndarray, n_hops: int) -> np.ndarray:
+    """Seeds plus every node within ``n_hops`` steps along the rows of ``graph``.
+
+    Row ``i`` of ``graph`` lists the neighbours whose messages spot ``i`` receives, so this
+    is the set of nodes a ``n_hops``-round message passing at the seeds reads.
+
+    Returns
+    -------
+    Node indices: the seeds first (in the given order), then the others in ascending order.
+    """
+    seeds = np.asarray(seeds, dtype=np.int64)
+    inside = np.zeros(graph.shape[0], dtype=bool)
+    inside[seeds] = True
+    frontier = seeds
+    for _ in range(n_hops):
+        if not len(frontier):
+            break
+        reached = np.unique(graph[frontier].indices)
+        frontier = reached[~inside[reached]]
+        inside[frontier] = True
+    inside[seeds] = False
+    return np.concatenate([seeds, np.flatnonzero(inside)])
+
+
+@dataclass
+class Subgraph:
+    """The induced subgraph of some nodes, as network inputs."""
+
+    nodes: np.ndarray
+    """Table rows of the subgraph's nodes; the first ``n_seeds`` are the seeds."""
+    n_seeds: int
+    """Number of seed nodes (whose network outputs are exact)."""
+    inputs: GraphInputs
+    """Features, edges and adjacency of the subgraph (node ``k`` = table row ``nodes[k]``)."""
+
+
+class GraphSampler:
+    """Induced subgraphs (and ``k``-hop closures) of a stack's :class:`GraphInputs`.
+
+    Parameters
+    ----------
+    inputs
+        The stack's inputs (reduced features; any device).
+    n_hops
+        Hops of the closure around the seeds (the number of graph-attention rounds for exact
+        network outputs at the seeds).
+    """
+
+    def __init__(self, inputs: GraphInputs, n_hops: int) -> None:
+        self.inputs, self.n_hops = inputs, int(n_hops)
+        n = inputs.spot.shape[0]
+        adjacency = inputs.adjacency.coalesce().cpu()
+        rows, cols = adjacency.indices().numpy()
+        self.adjacency = sp.csr_matrix(
+            (adjacency.values().numpy(), (rows, cols)), shape=(n, n), dtype=np.float32
+        )
+        # edge_index is (source j, target i); the scaled attention weights as a CSR matrix of
+        # targets x sources, so both slice the same way
+        source, target = inputs.edge_index.cpu().numpy()
+        self.attention = sp.csr_matrix(
+            (inputs.edge_weight.cpu().numpy(), (target, source)), shape=(n, n), dtype=np.float32
+        )
+
+    def closure(self, seeds: np.ndarray) -> Subgraph:
+        """The ``n_hops``-hop closure of ``seeds`` (table rows) as a :class:`Subgraph`."""
+        nodes = khop_closure(self.adjacency, seeds, self.n_hops)
+        return self.induced(nodes, n_seeds=len(seeds))
+
+    def induced(self, nodes: np.ndarray, *, n_seeds: int | None = None) -> Subgraph:
+        """The subgraph induced by ``nodes`` (table rows; the first ``n_seeds`` are seeds)."""
+        nodes = np.asarray(nodes, dtype=np.int64)
+        device = self.inputs.spot.device
+        index = torch.as_tensor(nodes, device=device)
+        adjacency = self.adjacency[nodes][:, nodes].tocoo()
+        attention = self.attention[nodes][:, nodes].tocoo()
+        n = len(nodes)
+        adjacency_index = torch.from_numpy(
+            np.vstack([adjacency.row, adjacency.col]).astype(np.int64)
+        )
+        inputs = GraphInputs(
+            spot=self.inputs.spot[index],
+            region_tokens=self.inputs.region_tokens[index],
+            global_tokens=self.inputs.global_tokens[index],
+            edge_index=torch.from_numpy(
+                np.vstack([attention.col, attention.row]).astype(np.int64)
+            ).to(device),
+            edge_weight=torch.from_numpy(attention.data).to(device),
+            adjacency=torch.sparse_coo_tensor(
+                adjacency_index,
+                torch.from_numpy(adjacency.data),
+                size=(n, n),
+                check_invariants=False,  # indices come from a valid scipy matrix
+            )
+            .coalesce()
+            .to(device),
+        )
+        return Subgraph(nodes=nodes, n_seeds=n if n_seeds is None else int(n_seeds), inputs=inputs)
+
+
+@dataclass
+class MessageChunk:
+    """A set of target nodes with every edge into them: one exact message-passing round."""
+
+    targets: torch.Tensor
+    """Global indices of the targets (local nodes ``0 .. len(targets) - 1``)."""
+    nodes: torch.Tensor
+    """Global indices of the local nodes: the targets, then their other sources."""
+    edge_index: torch.Tensor
+    """``(2, n_edges)`` local (source, target) indices of all edges into the targets."""
+    edge_weight: torch.Tensor
+    """``(n_edges,)`` weights of those edges."""
+
+
+def message_passing_chunks(
+    edge_index: torch.Tensor, edge_weight: torch.Tensor, n_nodes: int, chunk_size: int
+) -> list[MessageChunk]:
+    """Cut a graph's targets into chunks of ``chunk_size``, each with all its in-edges.
+
+    A message-passing layer applied to a chunk's local graph gives exactly the full graph's
+    outputs at the chunk's targets, so a layer can run chunk by chunk in bounded memory.
+    Targets are taken in reverse Cuthill-McKee order (scipy), which keeps neighbours in the
+    same chunk, so a chunk's sources are mostly its own targets whatever the table's row
+    order.
+    """
+    from scipy.sparse.csgraph import reverse_cuthill_mckee
+
+    source, target = edge_index.cpu().numpy()
+    incoming = sp.csr_matrix(
+        (edge_weight.cpu().numpy(), (target, source)), shape=(n_nodes, n_nodes), dtype=np.float32
+    )
+    order = reverse_cuthill_mckee(incoming + incoming.T, symmetric_mode=True)
+    device = edge_index.device
+    local = np.full(n_nodes, -1, dtype=np.int64)
+    chunks = []
+    for start in range(0, n_nodes, chunk_size):
+        targets = np.asarray(order[start : start + chunk_size], dtype=np.int64)
+        block = incoming[targets].tocoo()
+        others = np.unique(block.col)
+        local[targets] = np.arange(len(targets))
+        others = others[local[others] < 0]
+        nodes = np.concatenate([targets, others])
+        local[others] = np.arange(len(targets), len(nodes))
+        chunks.append(
+            MessageChunk(
+                targets=torch.from_numpy(targets).to(device),
+                nodes=torch.from_numpy(nodes).to(device),
+                edge_index=torch.from_numpy(
+                    np.vstack([local[block.col], block.row]).astype(np.int64)
+                ).to(device),
+                edge_weight=torch.from_numpy(block.data).to(device),
+            )
+        )
+        local[nodes] = -1
+    return chunks

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from asign_sc.models import ASIGNNet
+from asign_sc.models._sampling import (
+    GraphSampler,
+    khop_closure,
+    message_passing_chunks,
+    spatial_batches,
+)
+
+from .conftest import Toy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_spatial_batches_partition_into_compact_tiles():
+    grid = np.stack(np.meshgrid(np.arange(20), np.arange(20)), -1).reshape(-1, 2).astype(float)
+    batches = spatial_batches(grid, 100)
+    assert len(batches) == 4
+    assert all(len(b) <= 100 for b in batches)
+    np.testing.assert_array_equal(np.sort(np.concatenate(batches)), np.arange(400))
+    # each tile is a 10 x 10 quarter of the grid, not a scattered sample
+    for batch in batches:
+        assert np.ptp(grid[batch], axis=0).max() == 9
+    assert spatial_batches(grid, 1000)[0].tolist() == list(range(400))
+    with pytest.raises(ValueError, match="batch_size"):
+        spatial_batches(grid, 0)
+
+
+def test_khop_closure_follows_the_rows_of_the_graph():
+    # a path 0 - 1 - 2 - 3 - 4
+    path = sp.diags([np.ones(4), np.ones(4)], [-1, 1], shape=(5, 5)).tocsr()
+    assert khop_closure(path, np.array([0]), 0).tolist() == [0]
+    assert khop_closure(path, np.array([0]), 2).tolist() == [0, 1, 2]
+    assert khop_closure(path, np.array([2, 0]), 1).tolist() == [2, 0, 1, 3]
+    assert khop_closure(path, np.array([4]), 10).tolist() == [4, 0, 1, 2, 3]
+
+
+def _net(toy: Toy, graph_attention: bool = True) -> ASIGNNet:
+    torch.manual_seed(0)
+    net = ASIGNNet(*toy.dims, toy.n_genes, hidden_dim=16, n_gat_layers=3)
+    if not graph_attention:
+        net = ASIGNNet(*toy.dims, toy.n_genes, hidden_dim=16, graph_attention=False)
+    return net.eval()
+
+
+def _inputs(toy: Toy):
+    from asign_sc.models import GraphInputs
+
+    return GraphInputs(
+        toy.spot, toy.region, toy.glob, toy.edge_index, toy.edge_weight, toy.adjacency
+    )
+
+
+def test_network_on_a_khop_closure_is_exact_at_the_seeds():
+    toy = Toy(n=600)
+    net = _net(toy)
+    inputs = _inputs(toy)
+    with torch.no_grad():
+        full = net.network(*inputs.args()[:5])
+        sampler = GraphSampler(inputs, n_hops=net.message_passing_rounds)
+        seeds = khop_closure(toy.graph, np.array([0]), 1)  # a spot and its neighbours
+        subgraph = sampler.closure(seeds)
+        assert len(subgraph.nodes) < 600  # a real subgraph, not the whole stack
+        part = net.network(*subgraph.inputs.args()[:5])
+        torch.testing.assert_close(part["spot"][: len(seeds)], full["spot"][seeds])
+        # one hop short and the seeds' outputs change
+        short = GraphSampler(inputs, n_hops=1).closure(seeds)
+        wrong = net.network(*short.inputs.args()[:5])["spot"][: len(seeds)]
+        assert not torch.allclose(wrong, full["spot"][seeds], atol=1e-5)
+
+
+@pytest.mark.parametrize("graph_attention", [True, False])
+def test_chunked_prediction_equals_the_full_graph_pass(graph_attention):
+    toy = Toy(n=300)
+    net = _net(toy, graph_attention)
+    args = (*_inputs(toy).args(), toy.values, toy.known)
+    with torch.no_grad():
+        full = net(*args)
+        chunked = net(*args, chunk_size=37)
+    for key in ("spot", "region", "global", "embedding", "prediction", "gate"):
+        torch.testing.assert_close(chunked[key], full[key], rtol=1e-5, atol=1e-5)
+
+
+def test_message_passing_chunks_hold_every_in_edge_of_their_targets():
+    toy = Toy(n=120)
+    chunks = message_passing_chunks(toy.edge_index, toy.edge_weight, 120, 25)
+    targets = torch.cat([c.targets for c in chunks])
+    assert sorted(targets.tolist()) == list(range(120))
+    in_degree = torch.bincount(toy.edge_index[1], minlength=120)
+    for chunk in chunks:
+        assert chunk.nodes[: len(chunk.targets)].tolist() == chunk.targets.tolist()
+        local_degree = torch.bincount(chunk.edge_index[1], minlength=len(chunk.targets))
+        assert local_degree.tolist() == in_degree[chunk.targets].tolist()
+
+
+def test_layerwise_forward_is_for_evaluation_only():
+    toy = Toy(n=60)
+    net = _net(toy).train()
+    with pytest.raises(RuntimeError, match="eval"):
+        net.network.forward_layerwise(*_inputs(toy).args()[:5], chunk_size=10)
