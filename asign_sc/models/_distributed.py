@@ -127,6 +127,12 @@ def fit_members(
         "tile_coords": tile_coords if tile_coords is not None else coords,
         "show_progress_bar": show_progress_bar,
     }
+    if world_size > 1 and config.batch_size is None:
+        raise ValueError(
+            f"devices={world_size} shares mini-batches between processes, but "
+            "TrainingConfig(batch_size=None) asks for full-graph training. Use "
+            "batch_size='auto' or a number of spots per batch, or devices=1."
+        )
     if world_size == 1:
         return fit_ensemble(
             members, config, pool_targets=pool_targets, coords=coords, device=device, **kwargs
@@ -175,6 +181,7 @@ def _spawn(
     kwargs: dict[str, Any],
 ) -> EnsembleFit:
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
 
     folder = tempfile.mkdtemp(prefix="asign_sc_ddp_")
     threads = max(1, torch.get_num_threads() // world_size) if device.type == "cpu" else 1
@@ -185,7 +192,7 @@ def _spawn(
     try:
         try:
             mp.spawn(_worker, args=(job,), nprocs=world_size, join=True)
-        except mp.ProcessException as error:
+        except ProcessException as error:
             raise DistributedTrainingError(
                 f"Distributed training failed: process {error.error_index} of {world_size} "
                 f"{_what_happened(error)}. Nothing was written; the stack is unchanged. Rerun, "
@@ -206,9 +213,9 @@ def _spawn(
 
 
 def _what_happened(error: Exception) -> str:
-    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessExitedException
 
-    if isinstance(error, mp.ProcessExitedException):
+    if isinstance(error, ProcessExitedException):
         if error.signal_name:
             return f"was killed by {error.signal_name}"
         return f"exited with code {error.exit_code}"
