@@ -49,7 +49,11 @@ def test_reduced_mode_writes_every_method_beside_the_baselines(report):
         "ridge_propagation",
         "network",
         "asign",
+        "same_section",
     }
+    # the ceiling reads the scored sections' own counts: never the "best other" method
+    ceiling = main.set_index("method").loc["same_section"]
+    assert np.isfinite(ceiling["pcc_gene_mean"]) and ceiling["n_seeds"] == 0
     assert (out / "accuracy.md").exists() and (out / "accuracy.csv").exists()
     csv = pd.read_csv(out / "accuracy.csv")
     assert len(csv) == len(summary)
@@ -62,6 +66,8 @@ def test_reduced_mode_writes_every_method_beside_the_baselines(report):
     text = (out / "accuracy.md").read_text()
     assert "| per-gene PCC | per-gene PCC, top 50 | per-spot PCC |" in text
     assert "Where ASIGN wins" in text and "known S1:" in text
+    assert "against the best method without a network" in text
+    assert "vs best other ceiling" not in text
 
 
 def test_ablations_present_and_two_d_graph_cuts_propagation_across_sections(report):
