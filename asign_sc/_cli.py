@@ -24,9 +24,18 @@ examples:
   asign-sc run stack.zarr --known S1 --out results/
       a SpatialData zarr store that follows the stack contract (see the docs)
 
+  asign-sc run stack.zarr --known S1 --out results/ --scheduler tcp://10.0.0.5:8786 --devices 2
+      a batch job: image tiles as tasks on a running Dask scheduler, training on 2 devices;
+      follow it with  tail -f results.log
+
 exit codes: 0 success, 1 invalid input data (the message says what to fix), 2 bad arguments,
   130 stopped (Ctrl-C or SIGTERM). --out gets a complete result or stays as it was.
+progress: timestamped lines per step in <out>.log beside the output folder (appended, flushed
+  as they happen, kept when a run fails); a complete result holds a copy (<out>/asign-sc.log).
 """
+
+#: How long ``--scheduler`` waits for the Dask scheduler to answer.
+SCHEDULER_TIMEOUT = "20s"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,6 +96,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     run.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train on N devices with torch.distributed (N processes: CPU or one GPU each; "
+        "default: 1)",
+    )
+    run.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="address of a running Dask scheduler (e.g. tcp://10.0.0.5:8786): image tiles, and "
+        "section pairs where supported, run as tasks on its workers",
+    )
+    run.add_argument(
+        "--log",
+        type=Path,
+        metavar="FILE",
+        help="progress log, appended and flushed line by line (default: <out>.log beside --out)",
+    )
+    run.add_argument(
         "--overwrite",
         action="store_true",
         help="replace the result of an earlier run in --out (only once the new one is complete)",
@@ -104,16 +133,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     # Progress of our own steps at INFO; other libraries (faiss reports which CPU build it
     # loads, for instance) only from WARNING, unless --verbose asks for everything.
+    console = logging.StreamHandler()
+    console.setLevel(level)  # --quiet quiets the terminal, never the log file
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
+        handlers=[console],
     )
-    logger.setLevel(level)
+    logger.setLevel(min(level, logging.INFO))
     _check_arguments(parser, args)
+    client = _connect_scheduler(parser, args.scheduler)
 
     from asign_sc._errors import InvalidStackError
     from asign_sc._pipeline import check_encoder, check_known, load_input, run_pipeline
 
+    log_file = args.log if args.log is not None else args.out.parent / f"{args.out.name}.log"
+    try:
+        progress = _log_to_file(log_file, verbose=args.verbose)
+    except OSError as error:
+        if client is not None:
+            client.close()
+        parser.error(f"--log {log_file}: cannot write the progress log there ({error})")
+    logger.info("asign-sc run started: %s", " ".join(sys.argv[1:] if argv is None else argv))
+    if client is not None:
+        workers = client.scheduler_info().get("workers", {})
+        logger.info("connected to the Dask scheduler %s (%d workers)", args.scheduler, len(workers))
     previous = _stop_on_sigterm()
     try:
         sdata = load_input(
@@ -133,21 +177,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             transform=args.transform,
             epochs=args.epochs,
             device=args.device,
+            devices=args.devices,
+            client=client,
             seed=args.seed,
             overwrite=args.overwrite,
+            log_file=log_file,
         )
+        logger.info("run complete: %s", args.out)
     except (InvalidStackError, FileNotFoundError, FileExistsError) as error:
+        _log_only(progress, f"run failed: {error}")
         print(f"asign-sc: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        _log_only(progress, f"run stopped; {args.out} is as it was before")
         print(
             f"asign-sc: stopped; nothing was written ({args.out} is as it was before).",
             file=sys.stderr,
         )
         return 130
+    except SystemExit as error:
+        _log_only(progress, f"run stopped: bad arguments (exit {error.code}), see the terminal")
+        raise
+    except BaseException as error:
+        _log_only(progress, f"run failed: {type(error).__name__}: {error}")
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if client is not None:
+            client.close()
+        logger.removeHandler(progress)
+        progress.close()
     return 0
 
 
@@ -159,6 +219,15 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
     if args.seed < 0:
         parser.error(f"--seed must be a non-negative integer, got {args.seed}")
+    if args.devices < 1:
+        parser.error(f"--devices must be at least 1, got {args.devices}")
+    if args.devices > 1 and not _fit_takes("devices"):
+        parser.error(
+            f"--devices {args.devices}: this version of asign_sc trains on one device only "
+            "(fit_asign has no devices=); use --devices 1"
+        )
+    if args.scheduler is not None and not args.scheduler.strip():
+        parser.error("--scheduler is empty; give the scheduler's address, e.g. tcp://host:8786")
     if not args.library_key.strip():
         parser.error("--library-key is empty; name the obs column of sections (e.g. section)")
     if args.encoder.lower().startswith("obsm:") and not args.encoder[5:]:
@@ -198,6 +267,54 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             get_encoder(args.encoder)
         except (ValueError, TypeError, KeyError, ImportError, OSError, RuntimeError) as error:
             parser.error(f"--encoder {args.encoder}: {error}")
+
+
+def _fit_takes(name: str) -> bool:
+    """Whether :func:`asign_sc.tl.fit_asign` has the keyword ``name`` (in this version)."""
+    import inspect
+
+    from asign_sc.tl import fit_asign
+
+    return name in inspect.signature(fit_asign).parameters
+
+
+def _connect_scheduler(parser: argparse.ArgumentParser, address: str | None) -> Any:
+    """A ``dask.distributed.Client`` of the scheduler at ``address``; exit 2 if unreachable."""
+    if address is None:
+        return None
+    try:
+        from distributed import Client
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        parser.error("--scheduler needs dask.distributed: pip install distributed")
+    try:
+        client = Client(address, timeout=SCHEDULER_TIMEOUT)
+    except (OSError, ValueError, TypeError) as error:
+        parser.error(
+            f"--scheduler {address}: no Dask scheduler answered within {SCHEDULER_TIMEOUT} "
+            f"({type(error).__name__}: {error}). Check the address (tcp://host:port, as "
+            "printed by dask scheduler or cluster.scheduler_address) and that it is running."
+        )
+    return client
+
+
+def _log_to_file(path: Path, *, verbose: bool) -> logging.Handler:
+    """Append our progress to ``path``: timestamped lines, flushed one by one (``tail -f``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")  # flushes every record
+    handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%S%z")
+    )
+    logger.addHandler(handler)
+    return handler
+
+
+def _log_only(handler: logging.Handler, message: str) -> None:
+    """An error line for the log file alone (the terminal gets its own message)."""
+    record = logging.makeLogRecord(
+        {"name": logger.name, "levelno": logging.ERROR, "levelname": "ERROR", "msg": message}
+    )
+    handler.handle(record)
 
 
 def _stop_on_sigterm() -> Any:

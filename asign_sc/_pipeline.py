@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -149,8 +151,11 @@ def run_pipeline(
     transform: str = "rigid",
     epochs: int = 300,
     device: str = "auto",
+    devices: int = 1,
+    client: Any = None,
     seed: int = 0,
     overwrite: bool = False,
+    log_file: Path | None = None,
 ) -> dict[str, Any]:
     """Run ASIGN end to end on a stack and write everything to ``out``.
 
@@ -166,6 +171,13 @@ def run_pipeline(
     (``registration.png``, ``sections_<gene>.png``, ``training.png``, ``metrics.png``) and
     ``out/summary.json`` (the stack, the steps with their seconds, the outputs).
     Returns the summary.
+
+    For long jobs: ``devices`` is passed to :func:`asign_sc.tl.fit_asign` (training on
+    several devices), ``client`` (a ``dask.distributed.Client``) to
+    :func:`asign_sc.tl.extract_features` and, where it takes one, to
+    :func:`asign_sc.tl.register_sections`. Each step logs a line when it starts and ends
+    (logger ``asign_sc._pipeline``); ``log_file``, the file those lines go to, is copied
+    into the result as ``asign-sc.log``.
 
     Everything is checked before the first step. The outputs are written into a temporary
     folder beside ``out`` and moved into place when complete; with ``overwrite=True`` an
@@ -206,7 +218,10 @@ def run_pipeline(
             transform=transform,
             epochs=epochs,
             device=device,
+            devices=devices,
+            client=client,
             seed=seed,
+            log_file=log_file,
         )
 
 
@@ -223,20 +238,27 @@ def _run_steps(
     transform: str,
     epochs: int,
     device: str,
+    devices: int,
+    client: Any,
     seed: int,
+    log_file: Path | None,
 ) -> dict[str, Any]:
     """The steps of :func:`run_pipeline`, writing into ``work`` (renamed to ``out`` later)."""
     from asign_sc import gr, tl
 
     store = work / "stack.zarr"
     timings: dict[str, float] = {}
+    unknown = [s.name for s in stack if s.name not in known]
+    evaluated = bool(unknown) and _has_counts(stack, unknown)
+    n_steps = 8 if evaluated else 7
 
     def step(name: str, func: Any, *args: Any, **kwargs: Any) -> Any:
-        logger.info("step %s", name)
+        number = len(timings) + 1
+        logger.info("step %d/%d %s: started", number, n_steps, name)
         start = time.perf_counter()
         result = func(*args, **kwargs)
         timings[name] = round(time.perf_counter() - start, 2)
-        logger.info("step %s done in %.1f s", name, timings[name])
+        logger.info("step %d/%d %s: done in %.1f s", number, n_steps, name, timings[name])
         return result
 
     step(
@@ -246,6 +268,7 @@ def _run_steps(
         library_key=library_key,
         transform=transform,
         seed=seed,
+        **_if_taken(tl.register_sections, client=client),
     )
     step(
         "features",
@@ -255,6 +278,7 @@ def _run_steps(
         windows=spot_windows(stack),
         device=device,
         library_key=library_key,
+        **({"client": client} if client is not None else {}),
     )
     step("graph", gr.build_3d_graph, sdata, library_key=library_key)
     model = step(
@@ -266,14 +290,14 @@ def _run_steps(
         epochs=epochs,
         device=device,
         seed=seed,
+        **_if_taken(tl.fit_asign, devices=devices if devices != 1 else None),
     )
     step("impute", tl.impute, sdata, model, device=device)
     model.save(work / "model")
 
     outputs = {"zarr": str(out / "stack.zarr"), "model": str(out / "model")}
-    unknown = [s.name for s in stack if s.name not in known]
     metrics = None
-    if unknown and _has_counts(stack, unknown):
+    if evaluated:
         scores = step("evaluate", tl.evaluate, sdata, sections=unknown)
         scores.to_csv(work / "metrics.csv", index=False)
         overall = scores[scores["section"] == "all"]
@@ -305,14 +329,41 @@ def _run_steps(
         "n_spots": int(stack.table.n_obs),
         "n_genes": int(stack.table.n_vars),
         "seed": seed,
+        "devices": devices,
+        "scheduler": None if client is None else str(client.scheduler.address),
         "steps": timings,
         "metrics": metrics,
         "outputs": outputs,
     }
+    if log_file is not None and Path(log_file).is_file():
+        logger.info("all steps done; the result is moved into %s", out)
+        shutil.copyfile(log_file, work / "asign-sc.log")
+        outputs["log"] = str(out / "asign-sc.log")
     # Written last: a folder with summary.json is a complete result (asign_sc._outputs).
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.info("wrote %s", ", ".join(f"{k}={v}" for k, v in outputs.items()))
     return summary
+
+
+def _if_taken(func: Any, **kwargs: Any) -> dict[str, Any]:
+    """The ``kwargs`` that are not ``None``; an error for one ``func`` does not take.
+
+    ``--devices`` and ``--scheduler`` reach functions that gain these keywords in turn
+    (``fit_asign(devices=)``, ``register_sections(client=)``); one that lacks the keyword
+    runs as before when the value is ``None`` and is reported otherwise.
+    """
+    taken = inspect.signature(func).parameters
+    out = {}
+    for name, value in kwargs.items():
+        if value is None:
+            continue
+        if name not in taken:
+            if name == "client":
+                logger.info("%s runs in this process (it takes no client)", func.__name__)
+                continue
+            raise ValueError(f"{func.__name__} takes no {name}= in this version of asign_sc.")
+        out[name] = value
+    return out
 
 
 def _figures(

@@ -127,6 +127,8 @@ def _bad_inputs(tmp_path):
         (["--demo", "--epochs", "-5"], "--epochs must be at least 1, got -5"),
         (["--demo", "--device", "foo"], "'foo' is not a torch device"),
         (["--demo", "--seed", "-1"], "--seed must be a non-negative"),
+        (["--demo", "--devices", "0"], "--devices must be at least 1, got 0"),
+        (["--demo", "--scheduler", " "], "--scheduler is empty"),
         (["--demo", "--encoder", "obsm:"], "needs a key"),
         (["--demo", "--encoder", "no_such_net"], "Unknown encoder 'no_such_net'"),
         (["--demo", "--patient", "C"], "--patient applies to --her2st only"),
@@ -168,6 +170,8 @@ def test_unreadable_store_is_reported_with_its_path(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"Could not read the SpatialData zarr store {store}" in err
     assert not (tmp_path / "o").exists()
+    last = (tmp_path / "o.log").read_text().splitlines()[-1]  # the log says why it stopped
+    assert f"ERROR run failed: Could not read the SpatialData zarr store {store}" in last
 
 
 def test_rerun_on_its_own_output_and_a_stopped_rerun_keep_a_complete_result(
@@ -229,3 +233,81 @@ def test_logs_our_steps_but_not_other_libraries_chatter(tmp_path):
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.split() == ["True", "False"]
+
+
+def test_progress_goes_to_a_log_file_that_tail_f_can_follow(small_run):
+    code, out = small_run  # run with -q: the terminal is quiet, the log file is not
+    assert code == 0
+    live = out.parent / f"{out.name}.log"
+    lines = live.read_text().splitlines()
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} "
+    assert all(re.match(stamp + r"(INFO|WARNING|ERROR|DEBUG) ", line) for line in lines)
+    steps = [re.search(r"step (\d)/(\d) (\w+): (started|done)", line) for line in lines]
+    steps = [m.groups() for m in steps if m]
+    names = ["register", "features", "graph", "fit", "impute", "evaluate", "figures", "write"]
+    assert steps[:16:2] == [(str(i), "8", n, "started") for i, n in enumerate(names, 1)]
+    assert steps[1:16:2] == [(str(i), "8", n, "done") for i, n in enumerate(names, 1)]
+    assert "asign-sc run started: run" in lines[0] and "run complete" in lines[-1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["devices"] == 1 and summary["scheduler"] is None
+    assert "step 8/8 write: done" in (out / "asign-sc.log").read_text()
+    assert summary["outputs"]["log"] == str(out / "asign-sc.log")
+
+
+def test_unreachable_scheduler_exits_2_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    import asign_sc._cli as cli
+
+    monkeypatch.setattr(cli, "SCHEDULER_TIMEOUT", "1s")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--demo", "--scheduler", "tcp://127.0.0.1:1", "--out", str(out)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--scheduler tcp://127.0.0.1:1: no Dask scheduler answered within 1s" in err
+    assert "Traceback" not in err and sorted(tmp_path.iterdir()) == []
+
+
+def test_devices_beyond_one_need_a_fit_that_takes_them(tmp_path, capsys, monkeypatch):
+    import asign_sc._cli as cli
+
+    monkeypatch.setattr(cli, "_fit_takes", lambda name: False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--demo", "--devices", "2", "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert "trains on one device only" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_scheduler_runs_the_image_tiles_on_a_dask_cluster(small_store, tmp_path):
+    from distributed import LocalCluster
+
+    out = tmp_path / "out"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False) as cluster:
+        address = cluster.scheduler_address
+        args = ["run", str(small_store), "--scheduler", address, "--epochs", "2", "-q"]
+        assert main([*args, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scheduler"] == address
+    table = spatialdata.read_zarr(out / "stack.zarr").tables["table"]
+    assert table.uns["asign"]["features"]["client"]  # the tiles ran on the cluster
+    log = (out / "asign-sc.log").read_text()
+    assert f"connected to the Dask scheduler {address} (1 workers)" in log
+
+
+def test_long_job_options_reach_the_functions_that_take_them(caplog):
+    from asign_sc._pipeline import _if_taken
+
+    def fit(data, *, devices=1):
+        return devices
+
+    def register(data, *, seed=0):
+        return seed
+
+    assert _if_taken(fit, devices=2) == {"devices": 2}
+    assert _if_taken(fit, devices=None) == {}  # --devices 1: the function's own default
+    with caplog.at_level("INFO", logger="asign_sc._pipeline"):
+        assert _if_taken(register, client=object()) == {}
+    assert "register runs in this process (it takes no client)" in caplog.text
+    with pytest.raises(ValueError, match="register takes no devices= in this version"):
+        _if_taken(register, devices=2)
