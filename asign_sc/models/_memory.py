@@ -86,7 +86,16 @@ class MemoryEstimate:
     def describe(self) -> str:
         """``"fusion 1.2 GB, graph_attention 0.3 GB, ..."``, largest first."""
         items = sorted(self.parts.items(), key=lambda kv: -kv[1])
-        return ", ".join(f"{k} {v / GB:.2f} GB" for k, v in items)
+        return ", ".join(f"{k} {readable(v)}" for k, v in items)
+
+
+def readable(n_bytes: float) -> str:
+    """``"2.50 GB"``, ``"12.3 MB"`` or ``"512 kB"``."""
+    if n_bytes >= 0.1 * GB:
+        return f"{n_bytes / GB:.2f} GB"
+    if n_bytes >= 1024**2:
+        return f"{n_bytes / 1024**2:.1f} MB"
+    return f"{n_bytes / 1024:.0f} kB"
 
 
 def features_bytes(
@@ -192,7 +201,7 @@ def check_memory(estimate: MemoryEstimate, budget: float, *, what: str) -> None:
         return
     largest = max(estimate.parts, key=estimate.parts.__getitem__)
     raise InsufficientMemoryError(
-        f"{what} needs about {estimate.total / GB:.2f} GB ({estimate.describe()}), more than "
-        f"the {budget / GB:.2f} GB available (TrainingConfig(max_memory_gb=...) sets the "
+        f"{what} needs about {readable(estimate.total)} ({estimate.describe()}), more than "
+        f"the {readable(budget)} available (TrainingConfig(max_memory_gb=...) sets the "
         f"budget). The largest part is {largest}: {HINTS[largest]}."
     )
