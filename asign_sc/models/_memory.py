@@ -37,6 +37,11 @@ HINTS = {
         "(asign_sc.tl.extract_features(tokens=2)) or reduced "
         "(asign_sc.tl.extract_features(n_components=64))"
     ),
+    "inputs": (
+        "the stack's reduced features (with the mini-batches' copies) are too large: lower "
+        "ArchitectureConfig(n_components=...) or extract fewer tokens "
+        "(asign_sc.tl.extract_features(tokens=2))"
+    ),
     "fusion": (
         "the token cross-attention of each batch is too large: lower "
         "TrainingConfig(batch_size=...), ArchitectureConfig(n_components=...) or "

@@ -155,10 +155,17 @@ class GraphSampler:
             (inputs.edge_weight.cpu().numpy(), (target, source)), shape=(n, n), dtype=np.float32
         )
 
+    def closure_nodes(self, seeds: np.ndarray) -> np.ndarray:
+        """The ``n_hops``-hop closure of ``seeds`` (table rows), the seeds first."""
+        return khop_closure(self.adjacency, seeds, self.n_hops)
+
     def closure(self, seeds: np.ndarray) -> Subgraph:
         """The ``n_hops``-hop closure of ``seeds`` (table rows) as a :class:`Subgraph`."""
-        nodes = khop_closure(self.adjacency, seeds, self.n_hops)
-        return self.induced(nodes, n_seeds=len(seeds))
+        return self.induced(self.closure_nodes(seeds), n_seeds=len(seeds))
+
+    def n_edges(self, nodes: np.ndarray) -> int:
+        """Edges of the subgraph induced by ``nodes`` (without building it)."""
+        return int(self.attention[nodes][:, nodes].nnz)
 
     def induced(self, nodes: np.ndarray, *, n_seeds: int | None = None) -> Subgraph:
         """The subgraph induced by ``nodes`` (table rows; the first ``n_seeds`` are seeds)."""

@@ -262,6 +262,8 @@ class TrainingPlan:
         if batch_size is not None:
             self._prepare_batches(rows, tile_coords, batch_size)
         self._check_memory()
+        if batch_size is not None:
+            self._build_subgraphs()
 
         self.net.network.set_output_bias({level: self.targets[level].mean(0) for level in LEVELS})
         self.model: torch.nn.Module = self.net
@@ -288,27 +290,30 @@ class TrainingPlan:
     def _prepare_batches(
         self, rows: np.ndarray, tile_coords: np.ndarray | None, batch_size: int
     ) -> None:
-        """Cut pool and validation spots into tiles and build their subgraphs once."""
+        """Cut pool and validation spots into tiles and find their closures (node lists)."""
         if tile_coords is None:
             raise ValueError(
                 "Mini-batch training needs tile_coords (positions of the known spots)."
             )
-        sampler = GraphSampler(self.inputs, n_hops=max(1, self.net.message_passing_rounds))
+        self.sampler = GraphSampler(self.inputs, n_hops=max(1, self.net.message_passing_rounds))
         # seeds: positions into the pool (for the targets) and their table rows
         self.train_tiles = spatial_batches(tile_coords[self.pool_pos], batch_size)
-        self.train_subgraphs = [sampler.closure(rows[self.pool_pos[t]]) for t in self.train_tiles]
         val_tiles = (
             spatial_batches(tile_coords[self.val_pos], batch_size) if len(self.val_pos) else []
         )
-        self.val_subgraphs = [sampler.closure(rows[self.val_pos[t]]) for t in val_tiles]
+        self.val_tiles = val_tiles
+        self.closures = {
+            "train": [self.sampler.closure_nodes(rows[self.pool_pos[t]]) for t in self.train_tiles],
+            "val": [self.sampler.closure_nodes(rows[self.val_pos[t]]) for t in val_tiles],
+        }
         # validation order: the tiles' seeds concatenated
         self.val_rows = torch.as_tensor(
-            np.concatenate([g.nodes[: g.n_seeds] for g in self.val_subgraphs])
+            np.concatenate([rows[self.val_pos[t]] for t in val_tiles])
             if val_tiles
             else np.zeros(0, dtype=np.int64),
             device=self.device,
         )
-        sizes = [len(g.nodes) for g in self.train_subgraphs]
+        sizes = [len(nodes) for nodes in self.closures["train"]]
         logger.info(
             "Mini-batch training: %d tiles of <= %d training spots, subgraphs of %d-%d spots "
             "(%d-hop closures) in a stack of %d.",
@@ -316,18 +321,35 @@ class TrainingPlan:
             batch_size,
             min(sizes),
             max(sizes),
-            sampler.n_hops,
+            self.sampler.n_hops,
             self.n_obs,
+        )
+
+    def _build_subgraphs(self) -> None:
+        """The tiles' subgraphs (the closures list their seeds first), built once."""
+        self.train_subgraphs, self.val_subgraphs = (
+            [
+                self.sampler.induced(nodes, n_seeds=len(tile))
+                for nodes, tile in zip(self.closures[group], tiles, strict=True)
+            ]
+            for group, tiles in (("train", self.train_tiles), ("val", self.val_tiles))
         )
 
     def memory_estimate(self) -> MemoryEstimate:
         """Estimated memory of one training step (full graph or the largest subgraph)."""
+        inputs = self.inputs
+        width = inputs.spot.shape[1] + sum(
+            t.shape[1] * t.shape[2] for t in (inputs.region_tokens, inputs.global_tokens)
+        )
+        held = self.n_obs  # rows of features held: the stack, plus the subgraphs' copies
         if self.batch_size is None:
-            n_nodes, n_edges = self.n_obs, int(self.inputs.edge_index.shape[1])
+            n_nodes, n_edges = self.n_obs, int(inputs.edge_index.shape[1])
         else:
-            largest = max(self.train_subgraphs, key=lambda g: len(g.nodes))
-            n_nodes, n_edges = len(largest.nodes), int(largest.inputs.edge_index.shape[1])
-        return training_step_bytes(self.net, self.inputs, n_nodes, n_edges)
+            largest = max(self.closures["train"], key=len)
+            n_nodes, n_edges = len(largest), self.sampler.n_edges(largest)
+            held += sum(len(nodes) for group in self.closures.values() for nodes in group)
+        step = training_step_bytes(self.net, inputs, n_nodes, n_edges)
+        return step + MemoryEstimate({"inputs": float(held) * width * 4})
 
     def _check_memory(self) -> None:
         budget = memory_budget(self.config.max_memory_gb, self.device)
