@@ -131,8 +131,7 @@ def fit_asign(
     ``member`` says which network of the ensemble).
     """
     t0 = time.perf_counter()
-    architecture = architecture if architecture is not None else ArchitectureConfig()
-    training = training if training is not None else TrainingConfig()
+    architecture, training = architecture or ArchitectureConfig(), training or TrainingConfig()
     for name, value in (("epochs", epochs), ("n_models", n_models)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -197,8 +196,7 @@ def fit_asign(
         pool_targets=lambda pool: targets(pool, windows),
         seed=seed,
         device=dev,
-        coords=_separated_coords(stack)[rows],
-        tile_coords=tile_coordinates(stack)[rows],
+        **_known_coords(stack, rows),
         show_progress_bar=show_progress_bar,
     )
     model.net.eval()
@@ -243,6 +241,11 @@ def _known_spots_and_genes(
             library_key=stack.library_key,
         )
     return known_sections, rows, [str(g) for g in genes]
+
+
+def _known_coords(stack: SectionStack, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Known spots' positions for blocked validation (``coords``) and mini-batch tiles."""
+    return {"coords": _separated_coords(stack)[rows], "tile_coords": tile_coordinates(stack)[rows]}
 
 
 def _separated_coords(stack: SectionStack) -> np.ndarray:
