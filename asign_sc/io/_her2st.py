@@ -278,7 +278,9 @@ def _read_jpeg(path: Path, name: str) -> np.ndarray:
     Image.MAX_IMAGE_PIXELS = None
     try:
         with Image.open(path) as handle:
-            return np.asarray(handle.convert("RGB"))
+            # An RGB JPEG (her2st's are) needs no convert(), which would copy the decoded
+            # image once more; the array reads the decoded bytes (one copy, read-only).
+            return np.asarray(handle if handle.mode == "RGB" else handle.convert("RGB"))
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise InvalidStackError(
             f"Section {name!r}: could not read image {path} ({type(error).__name__}: "

@@ -12,7 +12,7 @@ import itertools
 import logging
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -35,6 +35,7 @@ from asign_sc.tl._registration_init import (
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from distributed import Client
     from spatialdata import SpatialData
 
 __all__ = ["register_sections", "registration_key"]
@@ -98,6 +99,7 @@ def register_sections(
     matrices: Mapping[str, np.ndarray] | None = None,
     seed: int = 0,
     check_order: bool = True,
+    client: Client | None = None,
     show_progress_bar: bool = True,
     key_added: str = Key.sdata.aligned,
     copy: bool = False,
@@ -176,6 +178,11 @@ def register_sections(
         QC table has the columns either way. (Adjacent sections of a volume resemble each
         other most; a stack in the wrong order still registers pairwise, with a plausible
         Dice, but its spots end up in the wrong places.)
+    client
+        A :class:`dask.distributed.Client`: each section pair is registered by a task on its
+        cluster (the downsampled sections are prepared here and sent to the workers once
+        each), with the same results as in-process. ``None``: every pair is registered in
+        this process, one after the other. See the "Scaling out" page of the documentation.
     show_progress_bar
         Show a progress bar over the section pairs.
     key_added
@@ -236,7 +243,8 @@ def register_sections(
     Notes
     -----
     ANTs uses as many threads as ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` allows (all
-    cores by default); set that environment variable to share a machine.
+    cores by default); set that environment variable to share a machine (on a Dask
+    cluster: in the workers' environment).
     """
     if progress is not None:
         warnings.warn(
@@ -245,7 +253,7 @@ def register_sections(
             stacklevel=2,
         )
         show_progress_bar = progress
-    _check_options(transform, init, channel, max_side, keypoint_max_side)
+    _check_options(transform, init, channel, max_side, keypoint_max_side, client)
     stack = resolve_stack(
         data,
         library_key=library_key,
@@ -281,6 +289,7 @@ def register_sections(
             min_inliers=min_inliers,
             keypoint_max_side=keypoint_max_side,
             seed=seed,
+            client=client,
         )
         composed = _compose(groups, references, pair_matrices)
 
@@ -311,6 +320,7 @@ def register_sections(
             "seed": seed,
             "check_order": check_order,
             "key_added": key_added,
+            "client": _client_record(client),
         },
         key_added=key_added,
         suggested=suggested,
@@ -320,8 +330,12 @@ def register_sections(
 
 # -- set-up ----------------------------------------------------------------------------------
 def _check_options(
-    transform: str, init: str, channel: str, max_side: int, keypoint_max_side: int
+    transform: str, init: str, channel: str, max_side: int, keypoint_max_side: int, client: Any
 ) -> None:
+    if client is not None and not callable(getattr(client, "submit", None)):
+        raise ValueError(
+            f"client must be a dask.distributed.Client (or None), got {type(client).__name__}."
+        )
     if transform not in _TRANSFORMS:
         raise ValueError(f"transform must be one of {_TRANSFORMS}, got {transform!r}.")
     if init not in _INITS:
@@ -333,6 +347,15 @@ def _check_options(
             f"max_side ({max_side}) and keypoint_max_side ({keypoint_max_side}) must be at "
             "least 64 pixels."
         )
+
+
+def _client_record(client: Client | None) -> str | None:
+    """The scheduler address and worker count of a Dask client, for the record."""
+    if client is None:
+        return None
+    from asign_sc.tl._features import _describe_client  # imports torch: only when needed
+
+    return _describe_client(client)
 
 
 def _groups(stack: SectionStack) -> dict[str | None, list[str]]:
@@ -353,6 +376,7 @@ def _register_pairs(
     references: dict[str | None, str],
     *,
     show_progress_bar: bool,
+    client: Client | None = None,
     **options: Any,
 ) -> tuple[dict[str, np.ndarray], dict[str, PointMap], dict[str, dict]]:
     """Register every section onto its neighbour towards the reference (``_register_pair``)."""
@@ -366,8 +390,16 @@ def _register_pairs(
         for sample, names in groups.items()
         for moving, target in _pairs(names, references[sample])
     ]
-    for moving, target in tqdm(pairs, desc="registering", disable=not show_progress_bar):
-        matrix, point_map, record = _register_pair(prepared[moving], prepared[target], **options)
+    if client is None:
+        results = (
+            (moving, _register_pair(prepared[moving], prepared[target], **options))
+            for moving, target in pairs
+        )
+    else:
+        results = _pairs_on_client(client, prepared, pairs, options)
+    for moving, (matrix, point_map, record) in tqdm(
+        results, total=len(pairs), desc="registering", disable=not show_progress_bar
+    ):
         pair_matrices[moving], records[moving] = matrix, record
         if point_map is not None:
             point_maps[moving] = point_map
@@ -375,6 +407,37 @@ def _register_pairs(
         pair_matrices[reference_name] = np.eye(3)
         records[reference_name] = {"target": "", "path": "reference"}
     return pair_matrices, point_maps, records
+
+
+def _pairs_on_client(
+    client: Client,
+    prepared: dict[str, PreparedSection],
+    pairs: list[tuple[str, str]],
+    options: dict[str, Any],
+) -> Iterator[tuple[str, tuple[np.ndarray, PointMap | None, dict]]]:
+    """Section pairs as tasks on a ``dask.distributed`` client, results as they complete.
+
+    Each prepared section goes to the cluster once (``scatter``) and serves both pairs it
+    belongs to; the pairs are independent (each is registered onto its neighbour, and the
+    maps are composed here afterwards), so they run in any order on any worker.
+    """
+    from distributed import as_completed
+
+    names = list(dict.fromkeys(name for pair in pairs for name in pair))
+    shipped = dict(
+        zip(names, client.scatter([prepared[n] for n in names], hash=False), strict=True)
+    )
+    futures = {
+        client.submit(
+            _register_pair, shipped[moving], shipped[target], pure=False, **options
+        ): moving
+        for moving, target in pairs
+    }
+    try:
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+    finally:
+        client.cancel(list(futures))
 
 
 def _references(
@@ -602,26 +665,58 @@ def _pair_similarity(
     NCC and NMI compare the stain channels over the tissue both sections share, smoothed
     by :data:`_QC_SIGMA` of the image's long side: adjacent sections share tissue
     structures, not single cells, so unsmoothed channels barely correlate even when aligned.
+    They are computed on :func:`_smoothed` copies (smoothed once per section, in its own
+    frame, then mapped: for the rigid and affine maps here that is the same as smoothing
+    after mapping, up to interpolation); the Dice uses the full working resolution.
     """
-    from scipy import ndimage as ndi
     from skimage.metrics import normalized_mutual_information
 
     shape = fixed.mask.shape
     warped_mask = warp_to(moving.mask, matrix, moving.scale, fixed.scale, shape, order=0) > 0.5
-    shared = warped_mask & fixed.mask
     out = {"dice": dice(warped_mask, fixed.mask), "ncc": float("nan"), "nmi": float("nan")}
+    small_moving, small_fixed = _smoothed(moving, sigma_fraction), _smoothed(fixed, sigma_fraction)
+    small_shape = small_fixed.mask.shape
+    warped = warp_to(
+        small_moving.channel, matrix, small_moving.scale, small_fixed.scale, small_shape, order=1
+    )
+    shared = small_fixed.mask & (
+        warp_to(
+            small_moving.mask, matrix, small_moving.scale, small_fixed.scale, small_shape, order=0
+        )
+        > 0.5
+    )
     if shared.sum() < 16:
         return out
-    sigma = sigma_fraction * max(shape)
-    warped = ndi.gaussian_filter(
-        warp_to(moving.channel, matrix, moving.scale, fixed.scale, shape, order=1), sigma
-    )
     a = warped[shared].astype(float)
-    b = ndi.gaussian_filter(fixed.channel, sigma)[shared].astype(float)
+    b = small_fixed.channel[shared].astype(float)
     if a.std() > 0 and b.std() > 0:
         out["ncc"] = float(np.corrcoef(a, b)[0, 1])
         out["nmi"] = float(normalized_mutual_information(a, b, bins=32))
     return out
+
+
+def _smoothed(section: PreparedSection, sigma_fraction: float) -> PreparedSection:
+    """The section's stain channel smoothed by ``sigma_fraction`` of its long side, subsampled.
+
+    A Gaussian of ``sigma`` pixels leaves nothing finer than about ``sigma`` pixels, so the
+    smoothed channel is kept every ``sigma / 2`` pixels: the comparisons in
+    :func:`_pair_similarity` then warp a grid up to ``(sigma / 2)^2`` times smaller, and the
+    smoothing runs once per section instead of once per comparison. Cached on the section.
+    """
+    key = ("smoothed", sigma_fraction)
+    cached = section._keypoints.get(key)
+    if cached is not None:
+        return cached
+    from scipy import ndimage as ndi
+
+    sigma = sigma_fraction * max(section.mask.shape)
+    step = max(1, int(sigma // 2))
+    channel = ndi.gaussian_filter(section.channel.astype(np.float32), sigma)[::step, ::step]
+    small = PreparedSection(
+        section.name, channel, section.mask[::step, ::step], section.scale / step
+    )
+    section._keypoints[key] = small
+    return small
 
 
 # -- chaining and writing ------------------------------------------------------------------

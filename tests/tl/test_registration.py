@@ -361,12 +361,51 @@ def test_blank_image_is_refused(two_sections):
         ({"matrices": {"R1": np.eye(3)}}, ValueError, "lacks sections"),
         ({"matrices": {"R1": np.eye(3), "R2": np.zeros((3, 3))}}, ValueError, "3x3 affine"),
         ({"matrices": {"R1": np.eye(3), "R2": np.eye(3), "R7": np.eye(3)}}, ValueError, "not in"),
+        ({"client": "tcp://127.0.0.1:8786"}, ValueError, "dask.distributed.Client"),
     ],
 )
 def test_bad_arguments_are_refused(two_sections, kwargs, error, match):
     sdata, _ = two_sections
     with pytest.raises(error, match=match):
         register_sections(sdata, show_progress_bar=False, **kwargs)
+
+
+@pytest.mark.slow  # two worker processes start and import ANTs: ~20 s on 2 cores
+def test_dask_client_gives_the_in_process_registration(registered_rigid):
+    distributed = pytest.importorskip("distributed")
+    sdata, _ = registered_rigid
+    table = sdata.tables["table"]
+    local = table.uns["asign_registration"]
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        out = register_sections(sdata, max_side=320, client=client, copy=True)
+        ran = client.run(lambda: 1)
+    assert len(ran) == 2
+    remote = out.tables["table"].uns["asign_registration"]
+    assert "2 workers" in remote["params"]["client"]
+    assert "workers" not in str(local["params"]["client"])
+    # Equal up to numerical noise: the workers run torch (SIFT) and ANTs with other thread
+    # counts than this process, which moves the optimum by hundredths of a pixel (measured:
+    # < 0.1 full-resolution px; the spots are 16 px wide).
+    for name, matrix in local["matrices"].items():
+        np.testing.assert_allclose(remote["matrices"][name][:2, :2], matrix[:2, :2], atol=1e-3)
+        np.testing.assert_allclose(remote["matrices"][name][:2, 2], matrix[:2, 2], atol=0.5)
+    np.testing.assert_allclose(
+        out.tables["table"].obsm["spatial_aligned"], table.obsm["spatial_aligned"], atol=0.5
+    )
+    pd.testing.assert_frame_equal(
+        remote["qc"][["target", "path", "flipped", "order_suspect"]],
+        local["qc"][["target", "path", "flipped", "order_suspect"]],
+    )
+    pd.testing.assert_frame_equal(
+        remote["qc"][["dice_after", "ncc_after"]],
+        local["qc"][["dice_after", "ncc_after"]],
+        atol=0.01,
+    )
 
 
 # -- real data -------------------------------------------------------------------------------
