@@ -86,6 +86,14 @@ class ArchitectureConfig(_Config):
         Reduce each level's standardised features to this many principal components, fitted
         on the training stack and stored in the model; ``None`` feeds the full embeddings
         (slower, and more prone to over-fit a single known section).
+    ridge_member
+        Weight of a linear member in the final prediction of ``impute(method="asign")``:
+        closed-form ridge regression from the pooled image features (fitted on the known
+        spots at imputation, penalty by exact leave-one-out), spread over the 3D graph from
+        the measured spots (``method="ridge_propagation"``). The prediction is
+        ``ridge_member * linear + (1 - ridge_member) * networks``. The two families err
+        differently, so their average is better than either on her2st (see the accuracy
+        benchmark); ``0`` gives the paper's ASIGN. ``method="network"`` never uses it.
     """
 
     hidden_dim: int = 128
@@ -97,9 +105,14 @@ class ArchitectureConfig(_Config):
     n_iterations: int = 10
     learn_node_weights: bool = True
     n_components: int | None = 64
+    ridge_member: float = 0.5
 
     def __post_init__(self) -> None:
         _check_positive_int("hidden_dim", self.hidden_dim)
+        if isinstance(self.ridge_member, bool) or not 0 <= self.ridge_member < 1:
+            raise ValueError(
+                f"ridge_member must lie in [0, 1) (0: networks only), got {self.ridge_member!r}."
+            )
         _check_positive_int("n_heads", self.n_heads)
         _check_positive_int("n_iterations", self.n_iterations)
         for name in ("cross_attention", "graph_attention", "learn_node_weights"):

@@ -47,6 +47,10 @@ _RUN_KEYS = ("epochs", "seed", "best_epoch", "validation_obs", "seconds")
 """Entries of ``settings["training"]`` that describe the run, not the configuration."""
 
 
+#: ArchitectureConfig fields used at prediction only, not by the networks.
+PREDICTION_ONLY = ("ridge_member",)
+
+
 class ASIGNModel:
     """A fitted ASIGN model: the network plus everything needed to apply it to a stack.
 
@@ -143,7 +147,7 @@ class ASIGNModel:
             *(int(feature_dims[k]) for k in FEATURE_DIMS),
             len(genes),
             n_models=n_models,
-            **architecture.to_dict(),
+            **{k: v for k, v in architecture.to_dict().items() if k not in PREDICTION_ONLY},
         )
         return cls(
             net,
@@ -158,6 +162,8 @@ class ASIGNModel:
     def from_settings(cls, settings: Mapping[str, Any]) -> ASIGNModel:
         """A new, untrained model from the :attr:`settings` layout (of a model or checkpoint)."""
         arch = dict(settings["architecture"])
+        # models saved before the linear member existed predict as they did (networks only)
+        arch.setdefault("ridge_member", 0.0)
         dims = {k: arch.pop(k) for k in FEATURE_DIMS}
         n_genes = arch.pop("n_genes")
         n_models = int(arch.pop("n_models", 1))

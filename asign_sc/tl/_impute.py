@@ -413,6 +413,9 @@ def _impute_model(
         uncertainty_kind = "network_propagation_disagreement"
         uncertainty = np.abs(out["spot"] - out["propagated"])
         uncertainty[out["coverage"] == 0] = np.nan
+    weight = model.architecture.ridge_member if method == "asign" else 0.0
+    if weight > 0:
+        pred, uncertainty = _add_ridge_member(stack, model, pred, uncertainty, values, known)
     if method == "asign":
         uncertainty[known] = 0.0
     keep = np.arange(len(model.genes))
@@ -439,8 +442,37 @@ def _impute_model(
             if unknown.any()
             else 1.0,
             "mean_gate": float(out["gate"][unknown].mean()) if unknown.any() else float("nan"),
+            "ridge_member": weight,
         },
     )
+
+
+def _add_ridge_member(
+    stack: SectionStack,
+    model: ASIGNModel,
+    networks: np.ndarray,
+    uncertainty: np.ndarray,
+    values: np.ndarray,
+    known: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Average the networks' prediction with ridge + label spreading (the linear member).
+
+    The ridge is fitted here, on the known spots of this stack (closed form, a fraction of a
+    second), so it needs nothing stored in the model. It is deterministic, so the ensemble's
+    spread shrinks by the networks' weight.
+    """
+    weight = model.architecture.ridge_member
+    linear = baseline_prediction(
+        stack,
+        "ridge_propagation",
+        values,
+        known,
+        graph_key=model.graph_key,
+        features_key=model.features_key,
+        standardize=model.training.standardize_features,
+        spatial_key=Key.obsm.spatial_aligned,
+    ).values
+    return weight * linear + (1 - weight) * networks, (1 - weight) * uncertainty
 
 
 # -- writing --------------------------------------------------------------------------------
