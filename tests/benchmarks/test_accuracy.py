@@ -48,6 +48,7 @@ def test_reduced_mode_writes_every_method_beside_the_baselines(report):
         "ridge",
         "ridge_propagation",
         "network",
+        "networks_only",
         "asign",
         "same_section",
     }
