@@ -16,7 +16,8 @@ from .test_fit_impute import make_stack, per_gene_pcc, truth_of
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = {
-    "architecture": ArchitectureConfig(hidden_dim=16, n_heads=2, n_gat_layers=2),
+    # networks only (no linear member), so the comparison sees the training alone
+    "architecture": ArchitectureConfig(hidden_dim=16, n_heads=2, n_gat_layers=2, ridge_member=0),
     "training": TrainingConfig(batch_size=32, patience=10),
     "epochs": 30,
     "n_models": 1,
