@@ -62,6 +62,10 @@ _ORDER_MARGIN = 0.1
 _ORDER_MIN_GAIN = 0.02
 #: Stacks up to this many sections get the best order by exhaustive search (else greedy).
 _ORDER_EXHAUSTIVE = 8
+#: A stored image level up to this factor longer than ``max_side`` is registered as it is;
+#: a longer one is downsampled to ``max_side`` (pyramids halve: the level read can be up to
+#: twice as long, which would cost up to 4x the pixels in ANTs and the QC).
+_MAX_SIDE_SLACK = 1.1
 
 PointMap = Callable[[np.ndarray], np.ndarray]
 
@@ -148,9 +152,10 @@ def register_sections(
     init
         ``"keypoints"`` (SIFT + RANSAC, falling back to moments) or ``"moments"`` only.
     max_side
-        Long side in pixels of the image level the registration works on: the coarsest
-        stored level at least this long is read (and downsampled if it is more than twice
-        as long).
+        Long side in pixels of the image the registration works on (its precision: a
+        working pixel is ``1 / max_side`` of the section): the coarsest stored level at
+        least this long is read, and downsampled to ``max_side`` if it is more than 10 %
+        longer. Nothing finer is decoded.
     channel
         Stain channel given to ANTs and to the keypoint detector: ``"grey"``,
         ``"hematoxylin"`` or ``"od"`` (optical density).
@@ -466,7 +471,7 @@ def _pairs(names: list[str], reference: str) -> list[tuple[str, str]]:
 def _prepare(stack: SectionStack, name: str, max_side: int, channel: str) -> PreparedSection:
     image, scale = stack.image(name, max_side=max_side)
     long_side = max(image.shape[:2])
-    if long_side > 2 * max_side:
+    if long_side > _MAX_SIDE_SLACK * max_side:
         from skimage.transform import resize
 
         factor = max_side / long_side
