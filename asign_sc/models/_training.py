@@ -425,7 +425,8 @@ class TrainingPlan:
             import torch.distributed as dist
 
             keys = sorted(mean)
-            summed = torch.tensor([mean[k] for k in keys], dtype=torch.float64)
+            # on the training device: NCCL reduces CUDA tensors only
+            summed = torch.tensor([mean[k] for k in keys], dtype=torch.float64, device=self.device)
             dist.all_reduce(summed)
             mean = {k: float(v) / self.world_size for k, v in zip(keys, summed, strict=True)}
         return mean
@@ -481,7 +482,9 @@ class TrainingPlan:
             import torch.distributed as dist
 
             keys = sorted(metrics)
-            shared = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+            shared = torch.tensor(
+                [metrics[k] for k in keys], dtype=torch.float64, device=self.device
+            )
             dist.broadcast(shared, 0)
             metrics = {k: float(v) for k, v in zip(keys, shared, strict=True)}
         return metrics

@@ -580,6 +580,32 @@ def test_fit_and_impute_on_cuda(stack):
     np.testing.assert_allclose(adata.obsm["asign"], adata.obsm["cpu"], atol=1e-4)
 
 
+@pytest.mark.gpu
+def test_minibatch_fit_and_chunked_prediction_on_cuda(stack):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from asign_sc._stack import resolve_stack
+    from asign_sc.models import StackData
+
+    adata = stack.copy()
+    model = fit_asign(
+        adata,
+        known_sections=["S0"],
+        n_top_genes=10,
+        device="cuda",
+        training=TrainingConfig(batch_size=32),
+        **{**FAST, "epochs": 5},
+    )
+    data = StackData.from_table(
+        adata, resolve_stack(adata), features_key="asign", graph_key="spatial3d", standardize=None
+    )
+    values = np.zeros((adata.n_obs, len(model.genes)), dtype=np.float32)
+    known = (adata.obs["section"] == "S0").to_numpy()
+    whole = model.predict(data.inputs, values, known, device="cuda", chunk_size=None)
+    chunked = model.predict(data.inputs, values, known, device="cuda", chunk_size=50)
+    np.testing.assert_allclose(chunked["prediction"], whole["prediction"], atol=1e-4)
+
+
 def test_fit_and_impute_a_spatialdata_stack():
     """SpatialData in, results in its table; copy=True leaves the input untouched."""
     from asign_sc.datasets import synthetic_stack
