@@ -13,8 +13,9 @@
    ``graph_attention=False``, and both; the paper's Table II), 2D graph (within-section
    edges only, ``gr.split_graph``) vs 3D (Table IV), network without cross-layer
    imputation (``method="network"``) and 10/20/50% of the known section's spots (the
-   others dropped from the stack; Table III), no per-section feature standardisation and
-   fixed propagation node weights (``learn_node_weights=False``).
+   others dropped from the stack; Table III), no per-section feature standardisation,
+   fixed propagation node weights (``learn_node_weights=False``), blocked validation and
+   test-time augmented features (``--dihedral``, on in the full mode; cached).
 3. Expression only, larger scale: patients A, B, D on the authors' aligned coordinates, IoU
    graph, known = first section: mean, overlap, propagation.
 4. Cross-patient (``--cross-patient``, on in the full mode): the patient-C models applied to
@@ -330,7 +331,45 @@ def keep_fraction(known: str, fraction: float, seed: int):
     return edit
 
 
-def ablations(known: str, seed: int) -> list[dict]:
+DIHEDRAL_VARIANT = "test-time augmentation (8 rotations/flips)"
+
+
+def with_features(features):
+    """Edit: the stack with another set of image features (same spots, same graph)."""
+
+    def edit(adata):
+        for key, value in features.obsm.items():
+            adata.obsm[key] = value[features.obs_names.get_indexer(adata.obs_names)]
+        return adata
+
+    return edit
+
+
+def dihedral_features(her2st: Path, cache: Path):
+    """Patient C's features with test-time augmentation (8 views of every window); cached.
+
+    Only the features are kept (``obsm``): the variant swaps them into the main stack, so
+    its registration and graph stay those of the main rows.
+    """
+    import anndata as ad
+
+    from asign_sc.io import read_her2st
+    from asign_sc.models.encoders import dihedral_average, get_encoder
+
+    path = cache / "her2st_C_dihedral_features.h5ad"
+    if path.exists():
+        return ad.read_h5ad(path)
+    sdata = read_her2st(her2st, patient="C", sections=["C2", "C3", "C4", "C5", "C6"])
+    encoder = dihedral_average(get_encoder("default"))
+    table = prepare(sdata, feature_kwargs={"encoder": encoder, "cache_dir": cache / "features"})
+    features = ad.AnnData(
+        obs=table.obs[[]], obsm={k: v for k, v in table.obsm.items() if k.startswith("X_asign")}
+    )
+    features.write_h5ad(path)
+    return features
+
+
+def ablations(known: str, seed: int, dihedral=None) -> list[dict]:
     """The ablation settings: ``fit_and_score`` arguments beside ``variant``.
 
     Functional blocks (paper Table II), graph construction (Table IV), CLI and the share
@@ -357,6 +396,8 @@ def ablations(known: str, seed: int) -> list[dict]:
         {"variant": "fixed node weights", "fit_kwargs": {"learn_node_weights": False}},
         {"variant": "blocked validation", "fit_kwargs": {"validation": "blocked"}},
     ]
+    if dihedral is not None:
+        settings.append({"variant": DIHEDRAL_VARIANT, "edit": with_features(dihedral)})
     for fraction in FRACTIONS:
         settings.append(
             {
@@ -381,8 +422,12 @@ def run_patient_c(
     ablation_knowns: Sequence[str],
     fit_kwargs: dict,
     ablation_seeds: int | None = None,
+    dihedral=None,
 ):
     """Main comparison on every known section, ablations on ``ablation_knowns``.
+
+    ``dihedral``: features with test-time augmentation (:func:`dihedral_features`), an
+    ablation row when given.
 
     Returns the rows and the first seed's model per known section.
     """
@@ -401,7 +446,7 @@ def run_patient_c(
             models.setdefault(known, model)
             if known not in ablation_knowns or (ablation_seeds is not None and i >= ablation_seeds):
                 continue
-            for setting in ablations(known, seed):
+            for setting in ablations(known, seed, dihedral):
                 seeded = setting.get("seeded_baselines", False)
                 rows += fit_and_score(
                     base,
@@ -764,7 +809,8 @@ ABLATION_NOTES = (
     "keeps a random N% of its spots (drawn per seed), the others are dropped from the stack; "
     "'blocked validation': early stopping on contiguous patches of the known section with a "
     "one-pitch buffer ring left out (`TrainingConfig(validation='blocked')`) instead of random "
-    "spots.",
+    "spots; 'test-time augmentation': every window encoded in its 8 rotations/flips and "
+    "averaged (`models.encoders.dihedral_average`, 8x the feature time), same graph.",
 )
 
 
@@ -801,6 +847,12 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         "--ablation-seeds", type=int, default=None, help="run ablations on the first N seeds only"
     )
     parser.add_argument("--cross-patient", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument(
+        "--dihedral",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ablation row with test-time augmented features (8x feature time; full mode)",
+    )
     parser.add_argument("--expression-only", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument(
         "--readme",
@@ -826,6 +878,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     cross = full if args.cross_patient is None else args.cross_patient
     expression = (not args.synthetic) if args.expression_only is None else args.expression_only
     readme = full if args.readme is None else args.readme
+    dihedral = (full and ablations) if args.dihedral is None else args.dihedral
     if readme:
         _readme_parts(args.readme_path)  # fail now, not after the run, if the markers are off
     start = time.perf_counter()
@@ -848,6 +901,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         ablation_knowns=ablation_knowns,
         fit_kwargs=fit_kwargs,
         ablation_seeds=args.ablation_seeds,
+        dihedral=dihedral_features(args.her2st, args.cache) if dihedral else None,
     )
     profiles = {known: _known_mean(base, known, model.genes) for known, model in models.items()}
     rows = [{"dataset": dataset, **r} for r in c_rows]
