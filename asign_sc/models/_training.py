@@ -54,14 +54,15 @@ VAL_SMOOTHING = 0.8
 
 FULL_GRAPH_MAX_SPOTS = 5_000
 """Largest stack ``batch_size="auto"`` trains full-graph. Measured with
-``benchmarks/minibatch.py`` (synthetic 10-section stacks, one known section, 64-d features
-with 9 tokens per level, ``hidden_dim=128``, 1 thread, load average about 10 on 2 cores, so
-absolute times are inflated several-fold): a full-graph epoch took 1.6 s at 2,000 spots,
-11 s at 5,000 and 22 s at 10,000 (it grows with the whole stack), mini-batch epochs 1.0,
-3.1 and 13.7 s (they grow with the known spots' neighbourhood). Full-graph training is the
-paper's protocol and converges in fewer epochs, so it is kept while an epoch stays around a
-second on an idle machine; her2st patient C (910 spots; ~3,000 for a whole Visium section
-stack of that size) trains full-graph, unchanged."""
+``benchmarks/minibatch.py`` (results in ``benchmarks/results/minibatch.md``: synthetic
+10-section stacks, one known section, 64-d features with 9 tokens per level,
+``hidden_dim=128``, 1 thread, load average about 13 on 2 cores, so absolute times are
+inflated several-fold): a full-graph epoch took 5.1 s at 2,000 spots, 14.9 s at 5,000 and
+48.5 s at 10,000 (it grows with the whole stack), a mini-batch epoch 3.4, 11.4 and 31.0 s
+(it grows with the known spots' 3-hop neighbourhood, which in that graph spans most
+sections). Full-graph training is the paper's protocol, so it is kept while an epoch stays
+around a second on an idle machine; her2st patient C (910 spots) trains full-graph,
+unchanged."""
 AUTO_BATCH_SIZE = 2048
 """Known spots per mini-batch of ``batch_size="auto"``."""
 
