@@ -1,0 +1,49 @@
+"""benchmarks/scale.py runs every step on tiny stacks and writes its report."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "scale.py"
+
+
+@pytest.fixture(scope="module")
+def scale():
+    spec = importlib.util.spec_from_file_location("scale_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # every step, two stacks, three zarr writes: ~15 s on 2 idle cores
+def test_main_times_every_step_and_writes_the_report(scale, tmp_path):
+    threads = torch.get_num_threads()
+    out = tmp_path / "scale.md"
+    argv = [
+        *("--sizes", "40", "--n-sections", "2", "--image-size", "256"),
+        *("--n-genes", "8", "--default-encoder-max", "0", "--graph-sizes", "200", "400"),
+        *("--feature-dim", "8", "--epochs", "2", "--batch-size", "none", "--in-process"),
+        *("--out", str(out)),
+    ]
+    try:
+        rows = scale.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    steps = {(row["part"], row["step"]) for row in rows}
+    for step in ("register", "features (user encoder)", "graph", "fit", "impute", "write zarr"):
+        assert ("end to end", step) in steps
+    for step in ("graph", "fit", "impute", "write zarr"):
+        assert ("graph, fit, impute", step) in steps
+    assert all(row["seconds"] > 0 and row["peak_rss_gb"] > 0 for row in rows)
+    text = out.read_text()
+    assert "load average" in text and "growth exponent" in text
+    assert "## End to end" in text and "## Graph, fit and impute" in text
+    # two sizes: every step of the larger one has a growth exponent
+    exponents = scale._exponents(rows)
+    for step in ("graph", "fit", "impute"):
+        assert ("graph, fit, impute", step, 400) in exponents
+    assert not any(part == "end to end" for part, _, _ in exponents)  # one size only
