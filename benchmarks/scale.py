@@ -85,22 +85,27 @@ class _Steps:
     """Times and peak memory of named steps, in order."""
 
     def __init__(self, part: str, size: int):
-        self.part, self.size, self.rows = part, size, []
+        self.part, self.size, self.rows, self.failed = part, size, [], False
 
     def run(self, step: str, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``, timed; a step that raises is recorded with its error
+        (the report shows it) and the steps after it are skipped."""
+        if self.failed:
+            return None
         start = time.perf_counter()
+        row = {"part": self.part, "size": self.size, "step": step, "error": ""}
+        out = None
         with PeakRSS() as memory:
-            out = fn(*args, **kwargs)
-        self.rows.append(
-            {
-                "part": self.part,
-                "size": self.size,
-                "step": step,
-                "seconds": time.perf_counter() - start,
-                "peak_rss_gb": memory.peak / 1e9,
-                "rise_gb": memory.delta_gb,
-            }
+            try:
+                out = fn(*args, **kwargs)
+            except Exception as error:  # reported in the table, not hidden
+                row["error"], self.failed = f"{type(error).__name__}: {error}", True
+        row.update(
+            seconds=time.perf_counter() - start,
+            peak_rss_gb=memory.peak / 1e9,
+            rise_gb=memory.delta_gb,
         )
+        self.rows.append(row)
         return out
 
 
@@ -298,7 +303,7 @@ def _exponents(rows: list[dict]) -> dict[tuple[str, str, int], float]:
     for row in rows:
         by_step.setdefault((row["part"], row["step"]), []).append(row)
     for (part, step), runs in by_step.items():
-        runs = sorted(runs, key=lambda r: r["n_obs"])
+        runs = sorted((r for r in runs if not r.get("error")), key=lambda r: r["n_obs"])
         for small, large in itertools.pairwise(runs):
             if small["n_obs"] == large["n_obs"] or min(small["seconds"], large["seconds"]) <= 0:
                 continue
@@ -315,6 +320,9 @@ def _table(rows: list[dict], exponents: dict) -> list[str]:
     ]
     for row in rows:
         exponent = exponents.get((row["part"], row["step"], row["size"]))
+        if row.get("error"):
+            lines.append(f"| {row['n_obs']:,} | {row['step']} | failed: {row['error']} | | | |")
+            continue
         lines.append(
             f"| {row['n_obs']:,} | {row['step']} | {row['seconds']:.1f} | "
             f"{row['peak_rss_gb']:.2f} | {row['rise_gb']:.2f} | "

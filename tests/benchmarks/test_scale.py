@@ -39,6 +39,7 @@ def test_main_times_every_step_and_writes_the_report(scale, tmp_path):
     for step in ("graph", "fit", "impute", "write zarr"):
         assert ("graph, fit, impute", step) in steps
     assert all(row["seconds"] > 0 and row["peak_rss_gb"] > 0 for row in rows)
+    assert not any(row["error"] for row in rows), rows
     text = out.read_text()
     assert "load average" in text and "growth exponent" in text
     assert "## End to end" in text and "## Graph, fit and impute" in text
