@@ -150,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_file = args.log if args.log is not None else args.out.parent / f"{args.out.name}.log"
     try:
         progress = _log_to_file(log_file, verbose=args.verbose)
+        log_offset = log_file.stat().st_size  # where this run's lines start
     except OSError as error:
         if client is not None:
             client.close()
@@ -182,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             overwrite=args.overwrite,
             log_file=log_file,
+            log_offset=log_offset,
         )
         logger.info("run complete: %s", args.out)
     except (InvalidStackError, FileNotFoundError, FileExistsError) as error:

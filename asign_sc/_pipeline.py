@@ -156,6 +156,7 @@ def run_pipeline(
     seed: int = 0,
     overwrite: bool = False,
     log_file: Path | None = None,
+    log_offset: int = 0,
 ) -> dict[str, Any]:
     """Run ASIGN end to end on a stack and write everything to ``out``.
 
@@ -177,7 +178,7 @@ def run_pipeline(
     :func:`asign_sc.tl.extract_features` and, where it takes one, to
     :func:`asign_sc.tl.register_sections`. Each step logs a line when it starts and ends
     (logger ``asign_sc._pipeline``); ``log_file``, the file those lines go to, is copied
-    into the result as ``asign-sc.log``.
+    into the result as ``asign-sc.log`` from byte ``log_offset`` on (this run's lines).
 
     Everything is checked before the first step. The outputs are written into a temporary
     folder beside ``out`` and moved into place when complete; with ``overwrite=True`` an
@@ -222,6 +223,7 @@ def run_pipeline(
             client=client,
             seed=seed,
             log_file=log_file,
+            log_offset=log_offset,
         )
 
 
@@ -242,6 +244,7 @@ def _run_steps(
     client: Any,
     seed: int,
     log_file: Path | None,
+    log_offset: int,
 ) -> dict[str, Any]:
     """The steps of :func:`run_pipeline`, writing into ``work`` (renamed to ``out`` later)."""
     from asign_sc import gr, tl
@@ -337,7 +340,9 @@ def _run_steps(
     }
     if log_file is not None and Path(log_file).is_file():
         logger.info("all steps done; the result is moved into %s", out)
-        shutil.copyfile(log_file, work / "asign-sc.log")
+        with open(log_file, "rb") as source, open(work / "asign-sc.log", "wb") as copy:
+            source.seek(log_offset)
+            shutil.copyfileobj(source, copy)
         outputs["log"] = str(out / "asign-sc.log")
     # Written last: a folder with summary.json is a complete result (asign_sc._outputs).
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
