@@ -401,13 +401,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     }
     load_start = os.getloadavg()[0]
     rows: list[dict] = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    text = report(rows, options, (load_start, load_start), argv)
     for fn, sizes in ((end_to_end, args.sizes), (model_only, args.graph_sizes)):
         for size in sizes:
             rows += _run(fn, size, options, args.in_process)
             print(f"{fn.__name__} {size}: {rows[-1]['n_obs']:,} spots done", flush=True)
-    text = report(rows, options, (load_start, os.getloadavg()[0]), argv)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+            # the report so far after every size: a long run stopped early keeps its numbers
+            text = report(rows, options, (load_start, os.getloadavg()[0]), argv)
+            args.out.write_text(text)
     print(text)
     return rows
 
