@@ -29,6 +29,6 @@ def test_tiny_cohort_report(tmp_path):
     assert model.loc[cohort, "n_training_spots"] > 2 * model.loc[alone, "n_training_spots"]
     assert model["pcc_gene"].between(-1, 1).all()
     report = (tmp_path / "cohort.md").read_text()
-    assert "## Findings" in report and "**one disease**: the cohort" in report
-    assert "| one disease | propagation baseline (no model) |" in report
+    assert "## Findings" in report and "**synthetic, one disease**: the cohort" in report
+    assert "| synthetic, one disease | propagation baseline (no model) |" in report
     assert len(pd.read_csv(tmp_path / "cohort.csv")) == len(results)
