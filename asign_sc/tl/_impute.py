@@ -136,7 +136,9 @@ def impute(
     {library_key} Default: the model's, else ``"section"``.
     sample_key
         Column of ``obs`` naming the sample; known spots only inform spots of their sample
-        (``"overlap"``, ``"similarity"``; the 3D graph has no edges across samples).
+        (``"overlap"``, ``"similarity"``, the ridge of ``"ridge"``, ``"ridge_propagation"`` and
+        of ASIGN's linear member; the 3D graph has no edges across samples). Default: the
+        model's (:func:`~asign_sc.tl.fit_asign` with ``sample_key``).
     {features_key} Default: the model's, else ``"asign"``.
     {graph_key} Default: the model's, else ``"spatial3d"``.
     standardize_features
@@ -180,7 +182,7 @@ def impute(
     stack = resolve_stack(
         data,
         library_key=library_key or (model.library_key if model else Key.obs.library),
-        sample_key=sample_key,
+        sample_key=sample_key or (model.sample_key if model else None),
         spot_radius=spot_radius,
     )
     table = stack.table
@@ -332,7 +334,8 @@ def baseline_prediction(
         )
         result.params.update({"features_key": features_key, "standardize_features": standardize})
     elif method in ("ridge", "ridge_propagation"):
-        result = _baselines.ridge(pooled_features(stack, features_key, standardize), values, known)
+        features = pooled_features(stack, features_key, standardize)
+        result = _ridge_by_sample(stack, features, values, known, groups)
         result.params.update({"features_key": features_key, "standardize_features": standardize})
         if method == "ridge_propagation":
             alpha = result.params["alpha"]
@@ -345,6 +348,32 @@ def baseline_prediction(
     return result
 
 
+def _ridge_by_sample(
+    stack: SectionStack,
+    features: np.ndarray,
+    values: np.ndarray,
+    known: np.ndarray,
+    groups: list[np.ndarray] | None,
+) -> _baselines.BaselineResult:
+    """The ridge baseline, fitted within each sample on that sample's known spots only."""
+    if groups is None:
+        return _baselines.ridge(features, values, known)
+    out = values.astype(np.float32, copy=True)
+    uncertainty = np.zeros_like(out)
+    alphas = {}
+    for sample, rows in zip(stack.samples(), groups, strict=True):
+        if not known[rows].any():
+            raise InvalidStackError(
+                f"Sample {sample!r} has no known section: the ridge (and ASIGN's linear member) "
+                "fits each sample on its own measured spots. Name one of its sections in "
+                "known_sections=, or use method='network' (or ridge_member=0) for it."
+            )
+        part = _baselines.ridge(features[rows], values[rows], known[rows])
+        out[rows], uncertainty[rows] = part.values, part.uncertainty
+        alphas[str(sample)] = part.params["alpha"]
+    return _baselines.BaselineResult(out, uncertainty, {"alpha": alphas})
+
+
 def pooled_features(
     stack: SectionStack,
     features_key: str,
@@ -352,17 +381,25 @@ def pooled_features(
     *,
     levels: Sequence[str] = LEVELS,
 ) -> np.ndarray:
-    """Pooled image embeddings of ``levels`` side by side, standardised per section if asked."""
+    """Pooled image embeddings of ``levels`` side by side, standardised per section if asked.
+
+    A level stored as a token grid only (``obsm[f"X_{key}_{level}_tokens"]``, as the network
+    reads it) is pooled as the mean of its tokens.
+    """
     table = stack.table
     blocks = []
     for level in levels:
         key = Key.obsm.features(features_key, level)
-        if key not in table.obsm:
+        tokens = f"{key}_tokens"
+        if key in table.obsm:
+            block = np.array(table.obsm[key], dtype=np.float32, copy=True)
+        elif tokens in table.obsm:
+            block = np.asarray(table.obsm[tokens], dtype=np.float32).mean(axis=1)
+        else:
             raise InvalidStackError(
                 f"obsm[{key!r}] is missing: this baseline needs the image features of "
                 "asign_sc.tl.extract_features(...); run it first or pass features_key=."
             )
-        block = np.array(table.obsm[key], dtype=np.float32, copy=True)
         if standardize == "section":
             standardize_by_section(block, stack, inplace=True)
         blocks.append(block)
