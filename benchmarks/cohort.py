@@ -281,6 +281,8 @@ def verdict(summary: pd.DataFrame, setting: str) -> str:
         word = "hurts"
     else:
         word = "makes no difference beyond the spread over seeds"
+    if min(cohort["n_seeds"], alone["n_seeds"]) < 2:
+        word = ("seems to help" if gain > 0 else "seems to hurt") + " (one seed: no spread known)"
     return (
         f"**{setting}**: the cohort {word} (per-gene PCC {cohort['pcc_gene_mean']:.3f} vs "
         f"{alone['pcc_gene_mean']:.3f} for the known section alone, {gain:+.3f})."
