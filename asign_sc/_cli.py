@@ -223,11 +223,6 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error(f"--seed must be a non-negative integer, got {args.seed}")
     if args.devices < 1:
         parser.error(f"--devices must be at least 1, got {args.devices}")
-    if args.devices > 1 and not _fit_takes("devices"):
-        parser.error(
-            f"--devices {args.devices}: this version of asign_sc trains on one device only "
-            "(fit_asign has no devices=); use --devices 1"
-        )
     if args.scheduler is not None and not args.scheduler.strip():
         parser.error("--scheduler is empty; give the scheduler's address, e.g. tcp://host:8786")
     if not args.library_key.strip():
@@ -269,15 +264,6 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             get_encoder(args.encoder)
         except (ValueError, TypeError, KeyError, ImportError, OSError, RuntimeError) as error:
             parser.error(f"--encoder {args.encoder}: {error}")
-
-
-def _fit_takes(name: str) -> bool:
-    """Whether :func:`asign_sc.tl.fit_asign` has the keyword ``name`` (in this version)."""
-    import inspect
-
-    from asign_sc.tl import fit_asign
-
-    return name in inspect.signature(fit_asign).parameters
 
 
 def _connect_scheduler(parser: argparse.ArgumentParser, address: str | None) -> Any:

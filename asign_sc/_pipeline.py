@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import shutil
@@ -175,10 +174,10 @@ def run_pipeline(
 
     For long jobs: ``devices`` is passed to :func:`asign_sc.tl.fit_asign` (training on
     several devices), ``client`` (a ``dask.distributed.Client``) to
-    :func:`asign_sc.tl.extract_features` and, where it takes one, to
-    :func:`asign_sc.tl.register_sections`. Each step logs a line when it starts and ends
-    (logger ``asign_sc._pipeline``); ``log_file``, the file those lines go to, is copied
-    into the result as ``asign-sc.log`` from byte ``log_offset`` on (this run's lines).
+    :func:`asign_sc.tl.extract_features` and :func:`asign_sc.tl.register_sections`. Each step
+    logs a line when it starts and ends (logger ``asign_sc._pipeline``); ``log_file``, the
+    file those lines go to, is copied into the result as ``asign-sc.log`` from byte
+    ``log_offset`` on (this run's lines).
 
     Everything is checked before the first step. The outputs are written into a temporary
     folder beside ``out`` and moved into place when complete; with ``overwrite=True`` an
@@ -271,7 +270,7 @@ def _run_steps(
         library_key=library_key,
         transform=transform,
         seed=seed,
-        **_if_taken(tl.register_sections, client=client),
+        client=client,
     )
     step(
         "features",
@@ -281,7 +280,7 @@ def _run_steps(
         windows=spot_windows(stack),
         device=device,
         library_key=library_key,
-        **({"client": client} if client is not None else {}),
+        client=client,
     )
     step("graph", gr.build_3d_graph, sdata, library_key=library_key)
     model = step(
@@ -293,7 +292,7 @@ def _run_steps(
         epochs=epochs,
         device=device,
         seed=seed,
-        **_if_taken(tl.fit_asign, devices=devices if devices != 1 else None),
+        devices=devices,
     )
     step("impute", tl.impute, sdata, model, device=device)
     model.save(work / "model")
@@ -348,27 +347,6 @@ def _run_steps(
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.info("wrote %s", ", ".join(f"{k}={v}" for k, v in outputs.items()))
     return summary
-
-
-def _if_taken(func: Any, **kwargs: Any) -> dict[str, Any]:
-    """The ``kwargs`` that are not ``None``; an error for one ``func`` does not take.
-
-    ``--devices`` and ``--scheduler`` reach functions that gain these keywords in turn
-    (``fit_asign(devices=)``, ``register_sections(client=)``); one that lacks the keyword
-    runs as before when the value is ``None`` and is reported otherwise.
-    """
-    taken = inspect.signature(func).parameters
-    out = {}
-    for name, value in kwargs.items():
-        if value is None:
-            continue
-        if name not in taken:
-            if name == "client":
-                logger.info("%s runs in this process (it takes no client)", func.__name__)
-                continue
-            raise ValueError(f"{func.__name__} takes no {name}= in this version of asign_sc.")
-        out[name] = value
-    return out
 
 
 def _figures(

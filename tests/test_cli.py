@@ -271,17 +271,6 @@ def test_unreachable_scheduler_exits_2_before_anything_is_written(tmp_path, caps
     assert "Traceback" not in err and sorted(tmp_path.iterdir()) == []
 
 
-def test_devices_beyond_one_need_a_fit_that_takes_them(tmp_path, capsys, monkeypatch):
-    import asign_sc._cli as cli
-
-    monkeypatch.setattr(cli, "_fit_takes", lambda name: False)
-    with pytest.raises(SystemExit) as exit_:
-        main(["run", "--demo", "--devices", "2", "--out", str(tmp_path / "out")])
-    assert exit_.value.code == 2
-    assert "trains on one device only" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
-
-
 @pytest.mark.slow
 def test_scheduler_runs_the_image_tiles_on_a_dask_cluster(small_store, tmp_path):
     from distributed import LocalCluster
@@ -297,21 +286,3 @@ def test_scheduler_runs_the_image_tiles_on_a_dask_cluster(small_store, tmp_path)
     assert table.uns["asign"]["features"]["client"]  # the tiles ran on the cluster
     log = (out / "asign-sc.log").read_text()
     assert f"connected to the Dask scheduler {address} (1 workers)" in log
-
-
-def test_long_job_options_reach_the_functions_that_take_them(caplog):
-    from asign_sc._pipeline import _if_taken
-
-    def fit(data, *, devices=1):
-        return devices
-
-    def register(data, *, seed=0):
-        return seed
-
-    assert _if_taken(fit, devices=2) == {"devices": 2}
-    assert _if_taken(fit, devices=None) == {}  # --devices 1: the function's own default
-    with caplog.at_level("INFO", logger="asign_sc._pipeline"):
-        assert _if_taken(register, client=object()) == {}
-    assert "register runs in this process (it takes no client)" in caplog.text
-    with pytest.raises(ValueError, match="register takes no devices= in this version"):
-        _if_taken(register, devices=2)

@@ -132,9 +132,7 @@ def fit_asign(
     """
     t0 = time.perf_counter()
     architecture, training = architecture or ArchitectureConfig(), training or TrainingConfig()
-    for name, value in (("epochs", epochs), ("n_models", n_models)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    _check_positive(epochs=epochs, n_models=n_models)
     stack, known_sections, samples = resolve_known_sections(
         data, known_sections, library_key=library_key, sample_key=sample_key
     )
@@ -210,6 +208,12 @@ def fit_asign(
     }
     _record_fit(table, model, n_known=len(rows), device=dev, key_added=key_added)
     return model
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 def _known_spots_and_genes(
