@@ -602,14 +602,13 @@ def test_scaling_page_examples_are_python_calling_real_parameters():
     blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
     assert len(blocks) >= 4
     accepted = set(inspect.signature(extract_features).parameters)
-    calls = 0
+    on_a_client = 0
     for block in blocks:
         for node in ast.walk(ast.parse(block)):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "extract_features":
-                calls += 1
                 assert {k.arg for k in node.keywords} <= accepted
-                assert any(k.arg == "client" for k in node.keywords)
-    assert calls >= 3
+                on_a_client += any(k.arg == "client" for k in node.keywords)
+    assert on_a_client >= 3  # LocalCluster, dask-jobqueue and dask-kubernetes
 
 
 def test_windows_of_a_few_image_pixels_warn(sdata, caplog):
