@@ -296,7 +296,13 @@ class MSAGNet(nn.Module):
             graph = self.gat(fused["fused"], edge_index, edge_weight)
         else:
             graph = self.spotwise(fused["fused"])
-        streams = torch.stack([graph, fused["region"], fused["global"]], dim=1)
+        return self._decode(graph, fused["region"], fused["global"])
+
+    def _decode(
+        self, graph: torch.Tensor, region: torch.Tensor, global_: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The three streams through the transformer and the heads (``embedding``: spot stream)."""
+        streams = torch.stack([graph, region, global_], dim=1)
         streams = self.transformer(streams + self.level_embedding)
         out = {level: self.heads[level](streams[:, i]) for i, level in enumerate(LEVELS)}
         out["embedding"] = streams[:, 0]
@@ -340,14 +346,8 @@ class MSAGNet(nn.Module):
             graph = torch.cat(
                 [self.spotwise(fused[i : i + chunk_size]) for i in range(0, n, chunk_size)]
             )
-        outs: dict[str, list[torch.Tensor]] = {key: [] for key in (*LEVELS, "embedding")}
-        for i in range(0, n, chunk_size):
-            rows = slice(i, i + chunk_size)
-            streams = torch.stack(
-                [graph[rows], streams_in["region"][rows], streams_in["global"][rows]], dim=1
-            )
-            streams = self.transformer(streams + self.level_embedding)
-            for j, level in enumerate(LEVELS):
-                outs[level].append(self.heads[level](streams[:, j]))
-            outs["embedding"].append(streams[:, 0])
-        return {key: torch.cat(values) for key, values in outs.items()}
+        chunks = [
+            self._decode(graph[rows], streams_in["region"][rows], streams_in["global"][rows])
+            for rows in (slice(i, i + chunk_size) for i in range(0, n, chunk_size))
+        ]
+        return {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
