@@ -21,6 +21,7 @@ this is written by hand on :func:`torch.sparse.mm`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,6 +128,16 @@ def propagate_labels(
         if node_weights is None
         else node_weights.to(values.dtype)
     )
+    # CSR: torch's sparse x dense product (and its backward) is 3-4x faster in CSR than in
+    # COO on CPU (measured on patient C's 51k-edge graph, 250 genes).
+    if adjacency.layout == torch.sparse_coo:
+        with warnings.catch_warnings():
+            # torch flags every CSR tensor as "beta"; sparse x dense products are stable.
+            warnings.filterwarnings(
+                "ignore", message="Sparse CSR tensor support", category=UserWarning
+            )
+            adjacency = adjacency.to_sparse_csr()
+    n_genes = values.shape[1]
     # Labels of unknown spots are never read: zeroed before the first step.
     clamped = torch.where(known_col, values, torch.zeros_like(values))
     p = clamped
@@ -138,14 +149,17 @@ def propagate_labels(
     known_share = None
     for step in range(n_iterations):
         w = (alpha * c).unsqueeze(1)
-        num = torch.sparse.mm(adjacency, w * p)
-        den = torch.sparse.mm(adjacency, w)
+        last_spread = return_spread and step == n_iterations - 1
+        # Numerator, denominator (and second moment) in one product: one pass over the edges.
+        parts = [w * p, w] + ([w * p.pow(2)] if last_spread else [])
+        summed = torch.sparse.mm(adjacency, torch.cat(parts, dim=1))
+        num, den = summed[:, :n_genes], summed[:, n_genes : n_genes + 1]
         reached = den > 0
         den_safe = torch.where(reached, den, torch.ones_like(den))
         p_new = torch.where(reached, num / den_safe, torch.zeros_like(num))
         c_new = torch.where(has_neighbours, den / degree_safe, torch.zeros_like(den)).squeeze(1)
-        if return_spread and step == n_iterations - 1:
-            second = torch.sparse.mm(adjacency, w * p.pow(2)) / den_safe
+        if last_spread:
+            second = summed[:, n_genes + 1 :] / den_safe
             var = (second - p_new.pow(2)).clamp_min(0)
             spread = torch.where(reached & ~known_col, var.sqrt(), torch.zeros_like(var))
         p = torch.where(known_col, clamped, p_new)
