@@ -79,7 +79,7 @@ class ASIGNNet(nn.Module):
         Embedding sizes of the three image levels.
     n_genes
         Number of modelled genes.
-    hidden_dim, n_gat_layers, n_heads, dropout, cross_attention, graph_attention
+    hidden_dim, n_gat_layers, n_heads, dropout, cross_attention, graph_attention, gat_variant
         See :class:`~asign_sc.models.MSAGNet` (the switches remove a block for ablations;
         both default to the full network).
     n_iterations, learn_node_weights
@@ -103,6 +103,7 @@ class ASIGNNet(nn.Module):
         dropout: float = 0.1,
         cross_attention: bool = True,
         graph_attention: bool = True,
+        gat_variant: str = "gat",
         n_iterations: int = 10,
         learn_node_weights: bool = True,
         n_components: int | None = None,
@@ -115,6 +116,7 @@ class ASIGNNet(nn.Module):
             "n_gat_layers": n_gat_layers,
             "n_iterations": n_iterations,
             "n_genes": n_genes,
+            "gat_variant": gat_variant,
         }
         # rounds of message passing in the network (0 without graph attention)
         self.message_passing_rounds = n_gat_layers if graph_attention else 0
@@ -137,6 +139,7 @@ class ASIGNNet(nn.Module):
             dropout=dropout,
             cross_attention=cross_attention,
             graph_attention=graph_attention,
+            gat_variant=gat_variant,
         )
         self.imputation = CrossLayerImputation(
             hidden_dim, n_genes, n_iterations=n_iterations, learn_node_weights=learn_node_weights

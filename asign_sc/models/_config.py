@@ -16,6 +16,7 @@ __all__ = ["ArchitectureConfig", "TrainingConfig"]
 
 Optimizer = Literal["adamw", "sgd"]
 Validation = Literal["random", "blocked"]
+GATVariant = Literal["gat", "gatv2"]
 Standardize = Literal["section"] | None
 BatchSize = int | Literal["auto"] | None
 
@@ -68,7 +69,7 @@ class ArchitectureConfig(_Config):
     n_gat_layers
         Graph-attention rounds (spot-wise layers with ``graph_attention=False``).
     n_heads
-        Attention heads of the cross-attention and GATv2 layers.
+        Attention heads of the cross-attention and graph-attention layers.
     dropout
         Dropout inside the network.
     cross_attention
@@ -76,8 +77,13 @@ class ArchitectureConfig(_Config):
         paper's "w.o Cross-atten" ablation: region/global enter as a linear map of their mean
         token.
     graph_attention
-        Spread features over the 3D graph by GATv2 rounds (eq. 4). ``False`` is the paper's
-        "w.o GAT" ablation: spot-wise layers of the same depth and width.
+        Spread features over the 3D graph by graph-attention rounds (eq. 4). ``False`` is
+        the paper's "w.o GAT" ablation: spot-wise layers of the same depth and width.
+    gat_variant
+        The graph-attention layer: ``"gat"``, the paper's eq. 4 (Veličković et al.,
+        :class:`~torch_geometric.nn.GATConv`: attention from a sum of per-spot scores), or
+        ``"gatv2"`` (Brody et al., :class:`~torch_geometric.nn.GATv2Conv`: attention from
+        a per-edge hidden vector, about twice the cost per edge).
     n_iterations
         Propagation steps ``T`` of the cross-layer imputation (eq. 5-6; paper: 10).
     learn_node_weights
@@ -102,6 +108,7 @@ class ArchitectureConfig(_Config):
     dropout: float = 0.1
     cross_attention: bool = True
     graph_attention: bool = True
+    gat_variant: GATVariant = "gat"
     n_iterations: int = 10
     learn_node_weights: bool = True
     n_components: int | None = 64
@@ -124,6 +131,8 @@ class ArchitectureConfig(_Config):
             hint=f" It is the number of {what}; to train without graph attention pass "
             "graph_attention=False.",
         )
+        if self.gat_variant not in ("gat", "gatv2"):
+            raise ValueError(f"gat_variant must be 'gat' or 'gatv2', got {self.gat_variant!r}.")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}.")
         if self.n_components is not None:

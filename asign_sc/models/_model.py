@@ -164,6 +164,8 @@ class ASIGNModel:
         arch = dict(settings["architecture"])
         # models saved before the linear member existed predict as they did (networks only)
         arch.setdefault("ridge_member", 0.0)
+        # ... and were built with GATv2 layers
+        arch.setdefault("gat_variant", "gatv2")
         dims = {k: arch.pop(k) for k in FEATURE_DIMS}
         n_genes = arch.pop("n_genes")
         n_models = int(arch.pop("n_models", 1))
@@ -441,6 +443,7 @@ def prediction_bytes(
         "n_gat_layers": arch.n_gat_layers,
         "n_iterations": arch.n_iterations,
         "training": False,
+        "gat_variant": arch.gat_variant,
     }
     chunk = network_bytes(n_chunk, chunk_edges, **sizes)
     # per member: (n, hidden) streams and rounds, (n, genes) outputs; the propagation is whole

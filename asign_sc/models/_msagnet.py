@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch_geometric.nn import GATv2Conv
+from torch_geometric.nn import GATConv, GATv2Conv
 
 from asign_sc._keys import LEVELS
 from asign_sc.models._fusion import MultiLevelFusion
@@ -16,9 +16,10 @@ __all__ = ["MSAGNet", "SpatialGraphAttention", "SpotwiseLayers"]
 class SpatialGraphAttention(nn.Module):
     """Stacked graph-attention rounds over the 3D spot graph (eq. 4).
 
-    Each round is a multi-head :class:`~torch_geometric.nn.GATv2Conv` whose attention
-    also sees the edge weight of the 3D graph (``edge_dim=1``); the outputs of all rounds
-    are concatenated and projected back to ``hidden_dim``.
+    Each round is a multi-head :class:`~torch_geometric.nn.GATConv` (eq. 4) or
+    :class:`~torch_geometric.nn.GATv2Conv` whose attention also sees the edge weight of
+    the 3D graph (``edge_dim=1``); the outputs of all rounds are concatenated and projected
+    back to ``hidden_dim``.
 
     Parameters
     ----------
@@ -32,6 +33,9 @@ class SpatialGraphAttention(nn.Module):
         Attention heads per round; must divide ``hidden_dim``.
     dropout
         Dropout on the attention coefficients and between rounds.
+    variant
+        ``"gat"`` (:class:`~torch_geometric.nn.GATConv`) or ``"gatv2"``
+        (:class:`~torch_geometric.nn.GATv2Conv`).
     """
 
     def __init__(
@@ -42,15 +46,19 @@ class SpatialGraphAttention(nn.Module):
         n_layers: int = 3,
         n_heads: int = 4,
         dropout: float = 0.1,
+        variant: str = "gat",
     ) -> None:
         super().__init__()
+        layers = {"gat": GATConv, "gatv2": GATv2Conv}
+        if variant not in layers:
+            raise ValueError(f"variant must be 'gat' or 'gatv2', got {variant!r}.")
         if n_layers < 1:
             raise ValueError(f"n_layers must be at least 1, got {n_layers}.")
         if hidden_dim % n_heads:
             raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by n_heads ({n_heads}).")
         dims = [in_dim] + [hidden_dim] * (n_layers - 1)
         self.convs = nn.ModuleList(
-            GATv2Conv(
+            layers[variant](
                 d,
                 hidden_dim // n_heads,
                 heads=n_heads,
@@ -207,6 +215,9 @@ class MSAGNet(nn.Module):
         Fuse the levels by cross-attention (default) or by mean-pooled tokens.
     graph_attention
         Spread features over the 3D graph by graph attention (default) or not at all.
+    gat_variant
+        The graph-attention layer, ``"gat"`` or ``"gatv2"`` (see
+        :class:`SpatialGraphAttention`).
     """
 
     def __init__(
@@ -222,6 +233,7 @@ class MSAGNet(nn.Module):
         dropout: float = 0.1,
         cross_attention: bool = True,
         graph_attention: bool = True,
+        gat_variant: str = "gat",
     ) -> None:
         super().__init__()
         self.fusion = MultiLevelFusion(
@@ -241,6 +253,7 @@ class MSAGNet(nn.Module):
                 n_layers=n_gat_layers,
                 n_heads=n_heads,
                 dropout=dropout,
+                variant=gat_variant,
             )
         else:
             self.spotwise = SpotwiseLayers(

@@ -561,6 +561,7 @@ def training_step_bytes(
         n_gat_layers=net.message_passing_rounds or sizes["n_gat_layers"],
         n_iterations=sizes["n_iterations"],
         training=True,
+        gat_variant=sizes["gat_variant"],
     )
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from asign_sc._utils import resolve_device
-from asign_sc.models import ASIGNModel, ASIGNNet
+from asign_sc.models import ArchitectureConfig, ASIGNModel, ASIGNNet
 from asign_sc.models._asign import PCAReduction
 
 
@@ -199,3 +199,19 @@ def test_settings_without_switches_build_the_full_network(toy):
     net = ASIGNModel.from_settings({"architecture": arch}).net.members[0].network
     assert net.graph_attention and net.fusion.cross_attention
     assert "without=" not in repr(ASIGNModel.from_settings({"architecture": arch}))
+
+
+def test_models_saved_before_gat_variant_existed_load_their_gatv2_layers(toy, tmp_path):
+    model = ASIGNModel.from_settings(
+        {"architecture": _arch(toy, gat_variant="gatv2"), "genes": list("abcdefg")}
+    )
+    path = model.save(tmp_path / "m")
+    settings = json.loads((path / "settings.json").read_text())
+    assert settings["architecture"].pop("gat_variant") == "gatv2"
+    (path / "settings.json").write_text(json.dumps(settings))
+    loaded = ASIGNModel.load(path)
+    assert loaded.architecture.gat_variant == "gatv2"
+    for key, value in loaded.net.state_dict().items():
+        torch.testing.assert_close(value, model.net.state_dict()[key])
+    # new models use the paper's GAT layers
+    assert ArchitectureConfig().gat_variant == "gat"

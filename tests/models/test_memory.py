@@ -48,6 +48,10 @@ def test_estimates_grow_with_the_settings_that_drive_them():
     assert inference.total < 0.7 * forward_sum
     # a 10 x 5,000-spot stack trains full-graph within a few GB
     assert base.total < 8 * GB
+    # GATv2 keeps more per edge than GAT (its attention reads a per-edge hidden vector)
+    v2 = network_bytes(10_000, 100_000, training=True, gat_variant="gatv2", **SIZES)
+    assert v2.parts["graph_attention"] > 1.4 * base.parts["graph_attention"]
+    assert v2.parts["fusion"] == base.parts["fusion"]
 
 
 def test_check_memory_names_the_largest_part_and_its_setting():

@@ -19,9 +19,13 @@ def test_msagnet_shapes(toy):
     assert out["embedding"].shape == (toy.n, 32)
 
 
-def test_gradients_reach_every_branch(toy):
+@pytest.mark.parametrize(
+    ("variant", "gat_weights"),
+    [("gat", ("lin.weight", "att_src", "att_edge")), ("gatv2", ("lin_l.weight", "att"))],
+)
+def test_gradients_reach_every_branch(toy, variant, gat_weights):
     torch.manual_seed(0)
-    net = _net(toy)
+    net = _net(toy, gat_variant=variant)
     spot = toy.spot.clone().requires_grad_(True)
     out = net(spot, toy.region, toy.glob, toy.edge_index, toy.edge_weight)
     (out["spot"].pow(2).mean()).backward()
@@ -30,13 +34,22 @@ def test_gradients_reach_every_branch(toy):
         "fusion.proj_spot.0.weight",
         "fusion.attn_region.in_proj_weight",
         "fusion.proj_global.0.weight",
-        "gat.convs.0.lin_l.weight",
+        *(f"gat.convs.0.{w}" for w in gat_weights),
         "gat.convs.0.lin_edge.weight",
         "gat.out.weight",
         "heads.spot.weight",
     ):
         grad = dict(net.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_gat_variant_picks_the_layer(toy):
+    from torch_geometric.nn import GATConv, GATv2Conv
+
+    assert isinstance(_net(toy).gat.convs[0], GATConv)
+    assert isinstance(_net(toy, gat_variant="gatv2").gat.convs[0], GATv2Conv)
+    with pytest.raises(ValueError, match="'gat' or 'gatv2'"):
+        _net(toy, gat_variant="gcn")
 
 
 def test_graph_attention_uses_neighbours(toy):
