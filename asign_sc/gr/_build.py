@@ -110,6 +110,7 @@ def build_3d_graph(
     features_key: str | None = None,
     n_neighs_within: int = 8,
     n_neighs_across: int = 12,
+    max_section_gap: int | None = None,
     across: Literal["kernel", "iou"] = "kernel",
     kernel_width: float = KERNEL_WIDTH,
     across_radius: float = ACROSS_RADIUS,
@@ -197,6 +198,13 @@ def build_3d_graph(
         Edges per spot to other sections of the same sample: per other section with
         ``across="kernel"`` (so ``n_neighs_across * (n_sections - 1)`` at most), top-k over
         all of them together with ``across="iou"``.
+    max_section_gap
+        Link a spot only to sections at most this many positions away in the stacking
+        order (``1``: the adjacent sections only). Bounds the number of across edges per
+        spot (at most ``2 * max_section_gap * n_neighs_across`` with ``across="kernel"``)
+        however many sections a stack has, so the graph and everything trained on it grow
+        linearly with the number of sections; values still reach farther sections over
+        several propagation steps. ``None``: every other section of the sample.
     across
         ``"kernel"`` (default): nearest spots of each other section, weighted by a Gaussian
         of their distance; ``"iou"``: the paper's eq. 1 (disc overlap + feature similarity).
@@ -311,6 +319,15 @@ def build_3d_graph(
     >>> within, across = asg.gr.split_graph(sdata)  # doctest: +SKIP
     """
     _check_counts(n_neighs_within, n_neighs_across, across_candidates)
+    if max_section_gap is not None and (
+        isinstance(max_section_gap, bool)
+        or not isinstance(max_section_gap, int | np.integer)
+        or max_section_gap < 1
+    ):
+        raise ValueError(
+            f"max_section_gap must be a positive number of sections (1: adjacent sections "
+            f"only) or None (all sections), got {max_section_gap!r}."
+        )
     if similarity not in ("cosine", None):
         raise ValueError(f"similarity must be 'cosine' or None, got {similarity!r}.")
     _check_kernel(across, kernel_width, across_radius)
@@ -374,6 +391,7 @@ def build_3d_graph(
             k=n_neighs_across,
             width=kernel_width,
             reach=across_radius,
+            max_gap=max_section_gap,
             section_spacing=section_spacing,
         )
     else:
@@ -388,6 +406,7 @@ def build_3d_graph(
                 n_candidates=n_candidates,
                 search=search,
                 similarity_radius=similarity_radius,
+                max_gap=max_section_gap,
                 section_spacing=section_spacing,
             )
     for a, b in disjoint:
@@ -434,6 +453,7 @@ def build_3d_graph(
                 "similarity": similarity if features is not None else None,
                 "n_neighs_within": n_neighs_within,
                 "n_neighs_across": n_neighs_across,
+                "max_section_gap": max_section_gap,
                 "across": across,
                 "kernel_width": kernel_width if across == "kernel" else None,
                 "across_radius": across_radius if across == "kernel" else None,
@@ -703,6 +723,7 @@ def _across_edges(
     n_candidates: int,
     search: Literal["exact", "approximate"] | None,
     similarity_radius: float | None,
+    max_gap: int | None,
     section_spacing: float | None,
 ) -> tuple[_Edges, list[tuple[str, str]]]:
     edges = _Edges.empty()
@@ -716,7 +737,9 @@ def _across_edges(
         names = [s.name for s in sections]
         overlaps: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         for i, a in enumerate(names):
-            for b in names[i + 1 :]:
+            for j, b in enumerate(names[i + 1 :], start=i + 1):
+                if _too_far(i, j, max_gap):
+                    continue
                 ra, rb, _ = overlap_pairs(trees[a], trees[b], radii[a] + radii[b])
                 overlaps[a, b] = (ra, rb)
                 overlaps[b, a] = (rb, ra)
@@ -730,7 +753,7 @@ def _across_edges(
         for ia, sa in enumerate(sections):
             cand_rows, cand_cols, cand_z = [], [], []
             for ib, sb in enumerate(sections):
-                if ia == ib:
+                if ia == ib or _too_far(ia, ib, max_gap):
                     continue
                 if features is None:
                     rows, cols = overlaps[sa.name, sb.name]
@@ -781,6 +804,7 @@ def _kernel_edges(
     k: int,
     width: float,
     reach: float,
+    max_gap: int | None,
     section_spacing: float | None,
 ) -> tuple[_Edges, list[tuple[str, str]]]:
     """The ``k`` nearest spots of each other section within ``reach`` pitches, Gaussian weights."""
@@ -792,7 +816,7 @@ def _kernel_edges(
         linked: set[tuple[str, str]] = set()
         for ia, sa in enumerate(sections):
             for ib, sb in enumerate(sections):
-                if ia == ib or sb.n_spots == 0:
+                if ia == ib or sb.n_spots == 0 or _too_far(ia, ib, max_gap):
                     continue
                 pitch = _pair_pitch(pitches, sa.name, sb.name)
                 q = min(k, sb.n_spots)
@@ -831,6 +855,11 @@ def _kernel_edges(
             if (sa.name, sb.name) not in linked and (sb.name, sa.name) not in linked
         ]
     return edges, disjoint
+
+
+def _too_far(ia: int, ib: int, max_gap: int | None) -> bool:
+    """Sections ``ia`` and ``ib`` of a stack are more than ``max_gap`` positions apart."""
+    return max_gap is not None and abs(ia - ib) > max_gap
 
 
 def _pair_pitch(pitches: dict[str, float], a: str, b: str) -> float:

@@ -186,3 +186,38 @@ def test_kernel_options_are_checked(make_stack):
     with pytest.raises(TypeError, match="across_radius"):
         build_3d_graph(adata, spatial_key="spatial", across_radius="3")
     assert "spatial3d_connectivities" not in adata.obsp
+
+
+@pytest.mark.parametrize("across", ["kernel", "iou"])
+def test_max_section_gap_links_only_nearby_sections(across, make_stack):
+    adata = make_stack(5, (6, 6), seed=5, jitter=5.0, shift=5.0)
+    codes = adata.obs["section"].cat.codes.to_numpy()
+    build_3d_graph(adata, spatial_key="spatial", across=across)
+    _, everything = split_graph(adata)
+    build_3d_graph(adata, spatial_key="spatial", across=across, max_section_gap=1)
+    _, adjacent = split_graph(adata)
+    assert adata.uns["spatial3d_neighbors"]["params"]["max_section_gap"] == 1
+    rows, cols = adjacent.nonzero()
+    gaps = np.abs(codes[rows] - codes[cols])
+    assert gaps.max() == 1 and adjacent.nnz < everything.nnz
+    # With the kernel (k per other section) adjacent pairs keep exactly the edges they had;
+    # the paper's top-k over all sections together may pick other ones.
+    rows, cols = everything.nonzero()
+    near = np.abs(codes[rows] - codes[cols]) == 1
+    kept = everything.copy()
+    kept.data = np.where(near, kept.data, 0.0)
+    kept.eliminate_zeros()
+    if across == "kernel":
+        assert (kept != adjacent).nnz == 0
+    # Every spot of a middle section has neighbours in both adjacent sections only.
+    rows, cols = adjacent.nonzero()
+    middle = codes[rows] == 2
+    assert set(codes[cols[middle]]) == {1, 3}
+
+
+def test_max_section_gap_is_checked(make_stack):
+    adata = make_stack(2, (4, 4), seed=17)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="max_section_gap must be a positive number"):
+            build_3d_graph(adata, spatial_key="spatial", max_section_gap=bad)
+    assert "spatial3d_connectivities" not in adata.obsp
