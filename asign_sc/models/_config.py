@@ -6,6 +6,7 @@ the plain-JSON form stored in model folders and in ``uns[key_added]["fit"]``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
@@ -167,6 +168,11 @@ class TrainingConfig(_Config):
     validation_buffer
         Width of the ring left out around blocked validation patches, in spot pitches
         (median distance of a spot to its nearest neighbour).
+    feature_noise
+        Standard deviation of Gaussian noise added to the network's input features at every
+        training step (spot vectors and region/global tokens, after standardisation and
+        ``n_components`` reduction), relative to each feature's spread over the stack; ``0``
+        (default) adds none. Validation and prediction never see noise.
     early_stopping
         Stop when the validation loss (its exponential moving average) has not improved for
         ``patience`` epochs, and keep the best weights.
@@ -208,6 +214,7 @@ class TrainingConfig(_Config):
     validation_fraction: float = 0.2
     validation: Validation = "random"
     validation_buffer: float = 1.0
+    feature_noise: float = 0.0
     early_stopping: bool = True
     patience: int = 15
     loss_weights: LossWeights = field(default_factory=LossWeights)
@@ -234,6 +241,12 @@ class TrainingConfig(_Config):
             raise ValueError(f"validation must be 'random' or 'blocked', got {self.validation!r}.")
         if not self.validation_buffer >= 0:
             raise ValueError(f"validation_buffer must be >= 0, got {self.validation_buffer!r}.")
+        if isinstance(self.feature_noise, bool) or not (
+            isinstance(self.feature_noise, int | float) and 0 <= self.feature_noise < math.inf
+        ):
+            raise ValueError(
+                f"feature_noise must be a number >= 0 (0: no noise), got {self.feature_noise!r}."
+            )
         _check_bool("early_stopping", self.early_stopping)
         _check_positive_int("patience", self.patience)
         for name in ("lr", "region_size", "global_size"):

@@ -266,6 +266,16 @@ class TrainingPlan:
         if batch_size is not None:
             self._build_subgraphs()
 
+        # spread of each input feature over the stack, the scale of TrainingConfig.feature_noise
+        self.feature_spread = (
+            (
+                self.inputs.spot.std(0),
+                self.inputs.region_tokens.flatten(0, 1).std(0),
+                self.inputs.global_tokens.flatten(0, 1).std(0),
+            )
+            if config.feature_noise > 0
+            else None
+        )
         self.net.network.set_output_bias({level: self.targets[level].mean(0) for level in LEVELS})
         self.model: torch.nn.Module = self.net
         if world_size > 1:
@@ -381,7 +391,7 @@ class TrainingPlan:
         visible = self._mask(np.setdiff1d(self.pool_pos, hidden_pos))
         if self.batch_size is not None:
             return self._batch_epoch(visible)
-        out = self.model(*self.inputs.args(), self.values, visible)
+        out = self.model(*self._training_args(self.inputs), self.values, visible)
         net_loss, parts = self.loss(
             {level: out[level][self.pool_rows] for level in LEVELS},
             self.targets,
@@ -392,6 +402,18 @@ class TrainingPlan:
         record = self._optimise(net_loss, blend_loss, parts)
         self.scheduler.step()
         return record
+
+    def _training_args(self, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
+        """The network's inputs for a training step, features noised by ``feature_noise``."""
+        args = inputs.args()
+        if self.feature_spread is None:
+            return args
+        noise = self.config.feature_noise
+        noisy = tuple(
+            x + noise * spread * torch.randn_like(x)
+            for x, spread in zip(args[:3], self.feature_spread, strict=True)
+        )
+        return noisy + args[3:]
 
     def _optimise(
         self, net_loss: torch.Tensor, blend_loss: torch.Tensor, parts: Mapping[str, torch.Tensor]
@@ -442,7 +464,7 @@ class TrainingPlan:
         nodes = torch.as_tensor(subgraph.nodes, device=self.device)
         n_seeds = subgraph.n_seeds
         values = self.values[nodes]
-        out = self.model(*subgraph.inputs.args(), values, visible[nodes])
+        out = self.model(*self._training_args(subgraph.inputs), values, visible[nodes])
         net_loss, parts = self.loss(
             {level: out[level][:n_seeds] for level in LEVELS},
             {level: target[seeds_in_pool] for level, target in self.targets.items()},

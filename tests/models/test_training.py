@@ -122,3 +122,70 @@ def test_minibatch_plan_steps_once_per_tile_on_the_tiles_neighbourhood(one_threa
     history = plan.run(show_progress_bar=False)
     assert n_tiles >= 2 and len(history) == 3 and len(steps) == 3 * n_tiles
     assert np.isfinite(history[["loss", "val_loss", "val_pcc"]].to_numpy()).all()
+
+
+def test_feature_noise_perturbs_training_inputs_only(one_thread):
+    import torch
+
+    from asign_sc.models import ASIGNNet, GraphInputs, TrainingConfig
+    from asign_sc.models._training import TrainingPlan
+
+    from .conftest import Toy
+
+    toy = Toy(n=150)
+    known = np.flatnonzero(toy.known.numpy())
+    targets = toy.values.numpy()[known]
+    rng = np.random.default_rng(0)
+    val_pos, pool_pos = split_validation(len(known), 0.2, True, rng)
+    inputs = GraphInputs(
+        toy.spot, toy.region, toy.glob, toy.edge_index, toy.edge_weight, toy.adjacency
+    )
+    net = ASIGNNet(*toy.dims, toy.n_genes, hidden_dim=16, n_gat_layers=2)
+    plan = TrainingPlan(
+        net,
+        TrainingConfig(batch_size=None, feature_noise=0.5),
+        3,
+        inputs,
+        known,
+        targets,
+        {level: targets[pool_pos] for level in ("spot", "region", "global")},
+        pool_pos=pool_pos,
+        val_pos=val_pos,
+        rng=rng,
+        device=torch.device("cpu"),
+    )
+    seen = []
+    forward = plan.net.forward
+
+    def recording(*args, **kwargs):
+        seen.append((plan.net.training, args[:3]))
+        return forward(*args, **kwargs)
+
+    plan.net.forward = recording
+    plan.model = plan.net
+    plan.run(show_progress_bar=False)
+    trained = [x for training, x in seen if training]
+    validated = [x for training, x in seen if not training]
+    assert len(trained) == 3 and len(validated) == 3
+    clean = (toy.spot, toy.region, toy.glob)
+    for features in validated:  # validation reads the features as they are
+        for x, reference in zip(features, clean, strict=True):
+            torch.testing.assert_close(x, reference)
+    # every training step draws new noise of about 0.5 x each feature's spread
+    for features in trained:
+        for x, reference in zip(features, clean, strict=True):
+            flat, ref = x.flatten(0, -2), reference.flatten(0, -2)
+            ratio = float(((flat - ref).std(0) / ref.std(0)).mean())
+            assert 0.4 < ratio < 0.6
+    assert not torch.equal(trained[0][0], trained[1][0])
+    # connectivity is never perturbed
+    noisy = plan._training_args(inputs)
+    assert all(a is b for a, b in zip(noisy[3:], inputs.args()[3:], strict=True))
+
+
+def test_feature_noise_is_checked():
+    from asign_sc.models import TrainingConfig
+
+    for bad in (-0.1, float("inf"), True, "0.1"):
+        with pytest.raises(ValueError, match="feature_noise must be a number >= 0"):
+            TrainingConfig(feature_noise=bad)
