@@ -79,11 +79,9 @@ class ASIGNNet(nn.Module):
         Embedding sizes of the three image levels.
     n_genes
         Number of modelled genes.
-    hidden_dim, n_gat_layers, n_heads, dropout, cross_attention, graph_attention
+    hidden_dim, n_gat_layers, n_heads, dropout, cross_attention, graph_attention, gat_variant
         See :class:`~asign_sc.models.MSAGNet` (the switches remove a block for ablations;
         both default to the full network).
-    gat_variant, output_rank
-        See :class:`~asign_sc.models.MSAGNet`.
     n_iterations, learn_node_weights
         See :class:`~asign_sc.models.CrossLayerImputation`.
     n_components
@@ -106,7 +104,6 @@ class ASIGNNet(nn.Module):
         cross_attention: bool = True,
         graph_attention: bool = True,
         gat_variant: str = "gat",
-        output_rank: int | None = None,
         n_iterations: int = 10,
         learn_node_weights: bool = True,
         n_components: int | None = None,
@@ -143,7 +140,6 @@ class ASIGNNet(nn.Module):
             cross_attention=cross_attention,
             graph_attention=graph_attention,
             gat_variant=gat_variant,
-            output_rank=output_rank,
         )
         self.imputation = CrossLayerImputation(
             hidden_dim, n_genes, n_iterations=n_iterations, learn_node_weights=learn_node_weights

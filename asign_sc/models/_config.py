@@ -85,10 +85,6 @@ class ArchitectureConfig(_Config):
         :class:`~torch_geometric.nn.GATConv`: attention from a sum of per-spot scores), or
         ``"gatv2"`` (Brody et al., :class:`~torch_geometric.nn.GATv2Conv`: attention from
         a per-edge hidden vector, about twice the cost per edge).
-    output_rank
-        Predict the genes through a rank-``output_rank`` bottleneck (a linear map to
-        ``output_rank`` gene programmes, then to the genes), so genes share what they learn;
-        ``None`` (default): one independent linear output per gene.
     n_iterations
         Propagation steps ``T`` of the cross-layer imputation (eq. 5-6; paper: 10).
     learn_node_weights
@@ -114,7 +110,6 @@ class ArchitectureConfig(_Config):
     cross_attention: bool = True
     graph_attention: bool = True
     gat_variant: GATVariant = "gat"
-    output_rank: int | None = None
     n_iterations: int = 10
     learn_node_weights: bool = True
     n_components: int | None = 64
@@ -139,8 +134,6 @@ class ArchitectureConfig(_Config):
         )
         if self.gat_variant not in ("gat", "gatv2"):
             raise ValueError(f"gat_variant must be 'gat' or 'gatv2', got {self.gat_variant!r}.")
-        if self.output_rank is not None:
-            _check_positive_int("output_rank", self.output_rank, hint=" Or None.")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}.")
         if self.n_components is not None:

@@ -13,36 +13,6 @@ from asign_sc.models._sampling import message_passing_chunks
 __all__ = ["MSAGNet", "SpatialGraphAttention", "SpotwiseLayers"]
 
 
-class LowRankLinear(nn.Module):
-    """A linear map of rank at most ``rank``: ``in_dim -> rank -> out_dim``, bias at the end.
-
-    Parameters
-    ----------
-    in_dim
-        Input size.
-    out_dim
-        Output size (genes).
-    rank
-        Size of the bottleneck.
-    """
-
-    def __init__(self, in_dim: int, out_dim: int, rank: int) -> None:
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"rank must be at least 1, got {rank}.")
-        self.down = nn.Linear(in_dim, rank, bias=False)
-        self.up = nn.Linear(rank, out_dim)
-
-    @property
-    def bias(self) -> torch.Tensor:
-        """The output bias (per gene)."""
-        return self.up.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``up(down(x))``."""
-        return self.up(self.down(x))
-
-
 class SpatialGraphAttention(nn.Module):
     """Stacked graph-attention rounds over the 3D spot graph (eq. 4).
 
@@ -248,9 +218,6 @@ class MSAGNet(nn.Module):
     gat_variant
         The graph-attention layer, ``"gat"`` or ``"gatv2"`` (see
         :class:`SpatialGraphAttention`).
-    output_rank
-        Rank of the regression heads (a linear map to ``output_rank`` values, then to
-        the genes); ``None``: full rank.
     """
 
     def __init__(
@@ -267,7 +234,6 @@ class MSAGNet(nn.Module):
         cross_attention: bool = True,
         graph_attention: bool = True,
         gat_variant: str = "gat",
-        output_rank: int | None = None,
     ) -> None:
         super().__init__()
         self.fusion = MultiLevelFusion(
@@ -302,14 +268,7 @@ class MSAGNet(nn.Module):
             batch_first=True,
             norm_first=True,
         )
-        self.heads = nn.ModuleDict(
-            {
-                level: nn.Linear(hidden_dim, n_genes)
-                if output_rank is None
-                else LowRankLinear(hidden_dim, n_genes, output_rank)
-                for level in LEVELS
-            }
-        )
+        self.heads = nn.ModuleDict({level: nn.Linear(hidden_dim, n_genes) for level in LEVELS})
         self.hidden_dim = hidden_dim
         self.n_genes = n_genes
 

@@ -113,24 +113,3 @@ def test_switches_keep_every_width(toy):
         assert out["spot"].shape == (toy.n, toy.n_genes)
     with pytest.raises(ValueError, match="n_layers"):
         SpotwiseLayers(8, hidden_dim=8, n_layers=0)
-
-
-def test_low_rank_heads_predict_through_a_bottleneck(toy):
-    torch.manual_seed(0)
-    net = _net(toy, output_rank=2).eval()
-    out = net(toy.spot, toy.region, toy.glob, toy.edge_index, toy.edge_weight)
-    assert out["spot"].shape == (toy.n, toy.n_genes)
-    # outputs minus the bias span at most `output_rank` directions in gene space
-    singular = torch.linalg.svdvals((out["spot"] - net.heads["spot"].bias).detach())
-    assert singular[2] < 1e-5 * singular[0]
-    full = _net(toy).eval()(toy.spot, toy.region, toy.glob, toy.edge_index, toy.edge_weight)
-    singular = torch.linalg.svdvals((full["spot"] - full["spot"].mean(0)).detach())
-    assert singular[2] > 1e-3 * singular[0]
-    # the output bias starts at the gene means as for full-rank heads
-    mean = {level: torch.arange(toy.n_genes, dtype=torch.float32) for level in ("spot",)}
-    net.set_output_bias(mean)
-    torch.testing.assert_close(net.heads["spot"].up.bias.detach(), mean["spot"])
-    with pytest.raises(ValueError, match="output_rank"):
-        from asign_sc.models import ArchitectureConfig
-
-        ArchitectureConfig(output_rank=0)

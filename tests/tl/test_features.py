@@ -275,11 +275,9 @@ def reference_features(sdata, encoder, *, windows, input_size, tokens, batch_siz
                 for name, parts in (("pooled", vec), ("tokens", tok), ("padding", pad)):
                     out.setdefault((name, level), {})[section.name] = np.concatenate(parts)
     table = sdata.tables["table"]
-    return (
-        {key: np.concatenate([parts[s.name] for s in stack]) for key, parts in out.items()},
-        np.concatenate([s.rows for s in stack]),
-        table,
-    )
+    return {
+        key: np.concatenate([parts[s.name] for s in stack]) for key, parts in out.items()
+    }, np.concatenate([s.rows for s in stack]), table
 
 
 def test_default_equals_whole_image_reference(sdata):

@@ -31,7 +31,9 @@ def _other_patient(seed: int):
     adata = make_stack(seed=seed)
     names = adata.obs["section"].astype(str).str.replace("S", "P", regex=False)
     adata.obs["section"] = pd.Categorical(names, categories=sorted(set(names)))
-    adata.uns["spatial"] = {k.replace("S", "P"): v for k, v in adata.uns["spatial"].items()}
+    adata.uns["spatial"] = {
+        k.replace("S", "P"): v for k, v in adata.uns["spatial"].items()
+    }
     return adata
 
 
