@@ -172,7 +172,9 @@ class TrainingConfig(_Config):
         Standard deviation of Gaussian noise added to the network's input features at every
         training step (spot vectors and region/global tokens, after standardisation and
         ``n_components`` reduction), relative to each feature's spread over the stack; ``0``
-        (default) adds none. Validation and prediction never see noise.
+        (default) adds none. Validation and prediction never see noise. On her2st patient C
+        0.2 scored as none did (per-gene PCC 0.262 and 0.259 with C2 and C4 known, seeds
+        0-2, against 0.263 and 0.259).
     early_stopping
         Stop when the validation loss (its exponential moving average) has not improved for
         ``patience`` epochs, and keep the best weights.
