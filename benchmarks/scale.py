@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="TrainingConfig(batch_size=): 'auto', 'none' (full graph) or spots per batch",
     )
+    parser.add_argument(
+        "--max-section-gap",
+        type=int,
+        default=None,
+        help="gr.build_3d_graph(max_section_gap=): link sections at most this far apart",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="torch, ITK and OpenMP threads")
     parser.add_argument(
@@ -183,6 +189,7 @@ def _model_steps(steps: _Steps, data, options: dict, *, spatial_key: str, spot_r
         data,
         spatial_key=spatial_key,
         spot_radius=spot_radius,
+        max_section_gap=options["max_section_gap"],
         n_jobs=options["threads"],
     )
     model = steps.run(
@@ -357,7 +364,8 @@ def report(rows: list[dict], options: dict, load: tuple[float, float], argv: lis
             f"image_size={options['image_size']}, n_genes={options['n_genes']})`; features "
             f"with windows {WINDOWS_UM} um, the default encoder up to "
             f"{options['default_encoder_max']} spots per section and a user encoder "
-            "(`Conv2d(3, 8, 8, stride=8)` + ReLU, 64 px input) at every size; graph, fit "
+            "(`Conv2d(3, 8, 8, stride=8)` + ReLU, 64 px input) at every size; graph "
+            f"(`build_3d_graph(max_section_gap={options['max_section_gap']})`), fit "
             "and impute on the user encoder's features; fit: "
             f"`fit_asign(known_sections=['S1'], n_models={options['n_models']}, "
             f"epochs={options['epochs']}, training=TrainingConfig(batch_size="
@@ -395,6 +403,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "epochs",
             "n_models",
             "batch_size",
+            "max_section_gap",
             "device",
             "threads",
         )
