@@ -319,15 +319,11 @@ def build_3d_graph(
     >>> within, across = asg.gr.split_graph(sdata)  # doctest: +SKIP
     """
     _check_counts(n_neighs_within, n_neighs_across, across_candidates)
-    if max_section_gap is not None and (
-        isinstance(max_section_gap, bool)
-        or not isinstance(max_section_gap, int | np.integer)
-        or max_section_gap < 1
-    ):
-        raise ValueError(
-            f"max_section_gap must be a positive number of sections (1: adjacent sections "
-            f"only) or None (all sections), got {max_section_gap!r}."
-        )
+    _check_positive_or_none(
+        "max_section_gap",
+        max_section_gap,
+        "a positive number of sections (1: adjacent sections only) or None (all sections)",
+    )
     if similarity not in ("cosine", None):
         raise ValueError(f"similarity must be 'cosine' or None, got {similarity!r}.")
     _check_kernel(across, kernel_width, across_radius)
@@ -337,10 +333,7 @@ def build_3d_graph(
             "compares every pair of spots of two sections, 'approximate' uses a faiss HNSW "
             "index, 'auto' picks by the size of the sections."
         )
-    if n_jobs is not None and (
-        isinstance(n_jobs, bool) or not isinstance(n_jobs, int | np.integer) or n_jobs < 1
-    ):
-        raise ValueError(f"n_jobs must be a positive integer or None, got {n_jobs!r}.")
+    _check_positive_or_none("n_jobs", n_jobs)
     if section_spacing is not None and not (np.isfinite(section_spacing) and section_spacing > 0):
         raise ValueError(
             f"section_spacing must be a positive number of coordinate units, got "
@@ -498,14 +491,16 @@ def _check_counts(n_within: int, n_across: int, n_candidates: int | None) -> Non
     for name, value in (("n_neighs_within", n_within), ("n_neighs_across", n_across)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
-    if n_candidates is not None and (
-        isinstance(n_candidates, bool)
-        or not isinstance(n_candidates, int | np.integer)
-        or n_candidates < 1
+    _check_positive_or_none("across_candidates", n_candidates)
+
+
+def _check_positive_or_none(
+    name: str, value: object, what: str = "a positive integer or None"
+) -> None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1
     ):
-        raise ValueError(
-            f"across_candidates must be a positive integer or None, got {n_candidates!r}."
-        )
+        raise ValueError(f"{name} must be {what}, got {value!r}.")
 
 
 def _check_kernel(across: str, width: float, reach: float) -> None:
