@@ -43,3 +43,40 @@ class Toy:
 @pytest.fixture
 def toy() -> Toy:
     return Toy()
+
+
+def toy_plan(
+    toy: Toy,
+    config,
+    *,
+    pool_pos: np.ndarray,
+    val_pos: np.ndarray,
+    rng: np.random.Generator,
+    batch_size: int | None = None,
+):
+    """A :class:`~asign_sc.models.TrainingPlan` of a small network on ``toy``, 3 epochs."""
+    from asign_sc.models import ASIGNNet, GraphInputs
+    from asign_sc.models._training import TrainingPlan
+
+    known = np.flatnonzero(toy.known.numpy())
+    targets = toy.values.numpy()[known]
+    torch.manual_seed(0)
+    net = ASIGNNet(*toy.dims, toy.n_genes, hidden_dim=16, n_gat_layers=2)
+    inputs = GraphInputs(
+        toy.spot, toy.region, toy.glob, toy.edge_index, toy.edge_weight, toy.adjacency
+    )
+    return TrainingPlan(
+        net,
+        config,
+        3,
+        inputs,
+        known,
+        targets,
+        {level: targets[pool_pos] for level in ("spot", "region", "global")},
+        pool_pos=pool_pos,
+        val_pos=val_pos,
+        rng=rng,
+        device=torch.device("cpu"),
+        batch_size=batch_size,
+        tile_coords=np.random.default_rng(1).uniform(size=(len(known), 2)),
+    )

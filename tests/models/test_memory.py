@@ -2,9 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from asign_sc.models import ASIGNNet, GraphInputs, TrainingConfig
+from asign_sc.models import TrainingConfig
 from asign_sc.models._memory import (
     GB,
     TRAINING_FACTOR,
@@ -17,7 +16,7 @@ from asign_sc.models._memory import (
 )
 from asign_sc.models._training import TrainingPlan
 
-from .conftest import Toy
+from .conftest import Toy, toy_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,28 +70,14 @@ def test_budget_is_the_setting_or_the_available_memory():
 
 
 def _plan(toy: Toy, config: TrainingConfig, batch_size: int | None) -> TrainingPlan:
-    known = np.flatnonzero(toy.known.numpy())
-    targets = toy.values.numpy()[known]
-    pool_pos, val_pos = np.arange(4, len(known)), np.arange(4)
-    torch.manual_seed(0)
-    net = ASIGNNet(*toy.dims, toy.n_genes, hidden_dim=16, n_gat_layers=2)
-    inputs = GraphInputs(
-        toy.spot, toy.region, toy.glob, toy.edge_index, toy.edge_weight, toy.adjacency
-    )
-    return TrainingPlan(
-        net,
+    n_known = int(toy.known.sum())
+    return toy_plan(
+        toy,
         config,
-        3,
-        inputs,
-        known,
-        targets,
-        {level: targets[pool_pos] for level in ("spot", "region", "global")},
-        pool_pos=pool_pos,
-        val_pos=val_pos,
+        pool_pos=np.arange(4, n_known),
+        val_pos=np.arange(4),
         rng=np.random.default_rng(0),
-        device=torch.device("cpu"),
         batch_size=batch_size,
-        tile_coords=np.random.default_rng(1).uniform(size=(len(known), 2)),
     )
 
 

@@ -79,34 +79,21 @@ def test_auto_batch_size_keeps_small_stacks_full_graph():
 
 
 def test_minibatch_plan_steps_once_per_tile_on_the_tiles_neighbourhood(one_thread):
-    import torch
+    from asign_sc.models import TrainingConfig
 
-    from asign_sc.models import ASIGNNet, GraphInputs, TrainingConfig
-    from asign_sc.models._training import TrainingPlan
-
-    from .conftest import Toy
+    from .conftest import Toy, toy_plan
 
     toy = Toy(n=150)
     known = np.flatnonzero(toy.known.numpy())
-    targets = toy.values.numpy()[known]
     rng = np.random.default_rng(0)
     val_pos, pool_pos = split_validation(len(known), 0.2, True, rng)
-    torch.manual_seed(0)
-    net = ASIGNNet(*toy.dims, toy.n_genes, hidden_dim=16, n_gat_layers=2)
-    plan = TrainingPlan(
-        net,
+    plan = toy_plan(
+        toy,
         TrainingConfig(batch_size=32),
-        3,
-        GraphInputs(toy.spot, toy.region, toy.glob, toy.edge_index, toy.edge_weight, toy.adjacency),
-        known,
-        targets,
-        {level: targets[pool_pos] for level in ("spot", "region", "global")},
         pool_pos=pool_pos,
         val_pos=val_pos,
         rng=rng,
-        device=torch.device("cpu"),
         batch_size=32,
-        tile_coords=np.random.default_rng(1).uniform(size=(len(known), 2)),
     )
     n_tiles = len(plan.train_subgraphs)
     assert n_tiles == int(np.ceil(len(pool_pos) / 32)) or n_tiles == len(plan.train_tiles)
@@ -127,33 +114,22 @@ def test_minibatch_plan_steps_once_per_tile_on_the_tiles_neighbourhood(one_threa
 def test_feature_noise_perturbs_training_inputs_only(one_thread):
     import torch
 
-    from asign_sc.models import ASIGNNet, GraphInputs, TrainingConfig
-    from asign_sc.models._training import TrainingPlan
+    from asign_sc.models import TrainingConfig
 
-    from .conftest import Toy
+    from .conftest import Toy, toy_plan
 
     toy = Toy(n=150)
     known = np.flatnonzero(toy.known.numpy())
-    targets = toy.values.numpy()[known]
     rng = np.random.default_rng(0)
     val_pos, pool_pos = split_validation(len(known), 0.2, True, rng)
-    inputs = GraphInputs(
-        toy.spot, toy.region, toy.glob, toy.edge_index, toy.edge_weight, toy.adjacency
-    )
-    net = ASIGNNet(*toy.dims, toy.n_genes, hidden_dim=16, n_gat_layers=2)
-    plan = TrainingPlan(
-        net,
+    plan = toy_plan(
+        toy,
         TrainingConfig(batch_size=None, feature_noise=0.5),
-        3,
-        inputs,
-        known,
-        targets,
-        {level: targets[pool_pos] for level in ("spot", "region", "global")},
         pool_pos=pool_pos,
         val_pos=val_pos,
         rng=rng,
-        device=torch.device("cpu"),
     )
+    inputs = plan.inputs
     seen = []
     forward = plan.net.forward
 
