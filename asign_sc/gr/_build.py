@@ -741,7 +741,7 @@ def _across_edges(
         disjoint += [(a, b) for a, b in pairwise(names) if overlaps[a, b][0].size == 0]
         # Most similar spots of b for each spot of a, for every ordered pair (a, b).
         similar = (
-            _similar_spots(sections, features, n_candidates, search)
+            _similar_spots(sections, features, n_candidates, search, max_gap)
             if features is not None and similarity_radius is None
             else {}
         )
@@ -874,8 +874,12 @@ def _similar_spots(
     features: _Features,
     k: int,
     search: Literal["exact", "approximate"],
+    max_gap: int | None = None,
 ) -> dict[tuple[int, int], np.ndarray]:
-    """``{(i, j): (n_i, k) positions in section j}`` of the most similar spots (``-1``: none)."""
+    """``{(i, j): (n_i, k) positions in section j}`` of the most similar spots (``-1``: none).
+
+    The exact search skips pairs of sections more than ``max_gap`` apart (never linked).
+    """
     if search == "approximate":
         rows = [s.rows for s in sections]
         return approximate_feature_neighbors(features.values, features.norms, rows, k)
@@ -891,7 +895,8 @@ def _similar_spots(
     unit = [features.unit(s.rows) for s in sections]
     similar: dict[tuple[int, int], np.ndarray] = {}
     for i, j in combinations(range(len(sections)), 2):
-        similar[i, j], similar[j, i] = feature_neighbors(unit[i], unit[j], k)
+        if not _too_far(i, j, max_gap):
+            similar[i, j], similar[j, i] = feature_neighbors(unit[i], unit[j], k)
     return similar
 
 
