@@ -203,6 +203,12 @@ class TrainingConfig(_Config):
         5,000 spots when the memory estimate fits (a measured threshold, see
         :doc:`/concepts`), else mini-batches of 2,048 spots (fewer when several
         processes share them: at least one batch each).
+    num_neighbors
+        Mini-batch training only: at most this many in-edges of every spot of a tile's
+        neighbourhood, drawn at random at every step (GraphSAGE neighbour sampling, as
+        torch_geometric's ``NeighborLoader``), so a step's cost is bounded by the fan-out
+        instead of the 3D graph's degree (a spot of a 10-section stack has 60 or more
+        neighbours). ``None``: the exact ``n_gat_layers``-hop neighbourhood.
     max_memory_gb
         Memory (GB) training and prediction may use; estimated before any work, and a
         setting that needs more fails at once with an error naming what to change.
@@ -225,6 +231,7 @@ class TrainingConfig(_Config):
     region_size: float | None = None
     global_size: float | None = None
     batch_size: BatchSize = "auto"
+    num_neighbors: int | None = 10
     max_memory_gb: float | None = None
 
     def __post_init__(self) -> None:
@@ -273,6 +280,8 @@ class TrainingConfig(_Config):
                 f"batch_size must be 'auto', None (full-graph training) or an integer >= "
                 f"{MIN_BATCH_SIZE} (known spots per mini-batch), got {self.batch_size!r}."
             )
+        if self.num_neighbors is not None:
+            _check_positive_int("num_neighbors", self.num_neighbors)
         if self.max_memory_gb is not None and not (
             isinstance(self.max_memory_gb, int | float)
             and not isinstance(self.max_memory_gb, bool)

@@ -55,11 +55,13 @@ HINTS = {
         "(asign_sc.tl.extract_features(tokens=2))"
     ),
     "graph_attention": (
-        "the graph attention of each batch (edges x heads) is too large: build the 3D graph "
-        "with fewer edges per spot (asign_sc.gr.build_3d_graph(max_section_gap=2) on a tall "
-        "stack, or a smaller n_neighs_across), or lower TrainingConfig(batch_size=...) or "
-        "ArchitectureConfig(hidden_dim=...); a mini-batch holds every spot within "
-        "n_gat_layers hops of its tile, so on a dense graph fewer edges help most"
+        "the graph attention of each batch (edges x heads) is too large: in mini-batch "
+        "training lower TrainingConfig(num_neighbors=...) (sampled in-edges per spot), or "
+        "build the 3D graph with fewer edges per spot (asign_sc.gr.build_3d_graph("
+        "max_section_gap=2) on a tall stack, or a smaller n_neighs_across), or lower "
+        "TrainingConfig(batch_size=...) or ArchitectureConfig(hidden_dim=...); a mini-batch "
+        "holds spots up to n_gat_layers hops from its tile, so on a dense graph fewer edges "
+        "help most"
     ),
     "transformer": (
         "the per-spot transformer of each batch is too large: lower "

@@ -7,9 +7,14 @@ seeds are exactly those of a full-graph pass: a node's output after ``r`` rounds
 on nodes within ``r`` hops, and every node within ``k - r`` hops of a seed keeps all its
 in-edges in the closure.
 
-torch_geometric's ``NeighborLoader`` samples neighbours (inexact) and needs pyg-lib or
-torch-sparse for its sampler; the closure here is a breadth-first search on the CSR matrix
-of the graph (scipy), exact and dependency-free.
+The closure can instead be *sampled* (:func:`sample_neighbors`), as GraphSAGE and
+torch_geometric's ``NeighborLoader`` do: every node reached keeps at most ``num_neighbors``
+of its in-edges, drawn at random, so a subgraph's size is bounded by the fan-out instead of
+the graph's degree and reach, and the seeds' outputs are a stochastic estimate of the
+full-graph ones. ``NeighborLoader`` needs pyg-lib or torch-sparse for its sampler (neither
+is installable here with the CPU torch), and its subgraphs would still have to be mapped to
+our tiles, masks and propagation adjacency; the closure and the sampler here are
+vectorised numpy on the CSR matrix of the graph (scipy), dependency-free.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ __all__ = [
     "Subgraph",
     "khop_closure",
     "message_passing_chunks",
+    "sample_neighbors",
     "spatial_batches",
     "tile_coordinates",
 ]
@@ -116,6 +122,58 @@ def khop_closure(graph: sp.csr_matrix, seeds: np.ndarray, n_hops: int) -> np.nda
     return np.concatenate([seeds, np.flatnonzero(inside)])
 
 
+def sample_neighbors(
+    graph: sp.csr_matrix,
+    seeds: np.ndarray,
+    n_hops: int,
+    num_neighbors: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A fan-out-limited ``n_hops``-hop closure of ``seeds`` (GraphSAGE neighbour sampling).
+
+    Hop by hop, every node reached for the first time keeps at most ``num_neighbors`` of its
+    in-edges (row ``i`` of ``graph`` lists the sources of spot ``i``), drawn uniformly
+    without replacement (all of them when it has fewer); their sources are the next hop's
+    nodes. The nodes of the last hop keep no in-edges.
+
+    Returns
+    -------
+    nodes
+        Node indices: the seeds first (in the given order), then the others in the order
+        they were reached.
+    edges
+        Positions into ``graph.indices`` / ``graph.data`` of the sampled edges (target: the
+        row, source: the column).
+    """
+    if num_neighbors < 1:
+        raise ValueError(f"num_neighbors must be a positive integer, got {num_neighbors}.")
+    seeds = np.asarray(seeds, dtype=np.int64)
+    indptr, indices = graph.indptr, graph.indices
+    inside = np.zeros(graph.shape[0], dtype=bool)
+    inside[seeds] = True
+    frontier, reached, sampled = seeds, [seeds], []
+    for _ in range(n_hops):
+        if not len(frontier):
+            break
+        starts, degrees = indptr[frontier], np.diff(indptr)[frontier]
+        # every in-edge of the frontier (its position in the CSR arrays), with a random key;
+        # the num_neighbors smallest keys of each row are a uniform sample of that row
+        row = np.repeat(np.arange(len(frontier)), degrees)
+        offsets = np.arange(len(row)) - np.repeat(np.cumsum(degrees) - degrees, degrees)
+        positions = np.repeat(starts, degrees) + offsets
+        order = np.lexsort((rng.random(len(row)), row))
+        rank = np.empty(len(row), dtype=np.int64)
+        rank[order] = offsets
+        positions = positions[rank < num_neighbors]
+        sampled.append(positions)
+        sources = np.unique(indices[positions])
+        frontier = sources[~inside[sources]]
+        inside[frontier] = True
+        reached.append(frontier)
+    edges = np.concatenate(sampled) if sampled else np.zeros(0, dtype=np.int64)
+    return np.concatenate(reached), edges
+
+
 @dataclass
 class Subgraph:
     """The induced subgraph of some nodes, as network inputs."""
@@ -154,6 +212,8 @@ class GraphSampler:
         self.attention = sp.csr_matrix(
             (inputs.edge_weight.cpu().numpy(), (target, source)), shape=(n, n), dtype=np.float32
         )
+        # the target (row) of every entry of the CSR arrays, for sampled edges
+        self.edge_targets = np.repeat(np.arange(n), np.diff(self.attention.indptr))
 
     def closure_nodes(self, seeds: np.ndarray) -> np.ndarray:
         """The ``n_hops``-hop closure of ``seeds`` (table rows), the seeds first."""
@@ -163,17 +223,44 @@ class GraphSampler:
         """The ``n_hops``-hop closure of ``seeds`` (table rows) as a :class:`Subgraph`."""
         return self.induced(self.closure_nodes(seeds), n_seeds=len(seeds))
 
+    def sampled(self, seeds: np.ndarray, num_neighbors: int, rng: np.random.Generator) -> Subgraph:
+        """A neighbour-sampled closure of ``seeds`` (:func:`sample_neighbors`), as a subgraph.
+
+        Its graph-attention edges are the sampled ones; its propagation adjacency is the one
+        induced by its nodes (the label propagation is a cheap sparse product, so it keeps
+        every edge among the nodes it has).
+        """
+        nodes, edges = sample_neighbors(self.attention, seeds, self.n_hops, num_neighbors, rng)
+        attention, target = self.attention, self.edge_targets[edges]
+        local = np.full(attention.shape[0], -1, dtype=np.int64)
+        local[nodes] = np.arange(len(nodes))
+        edge_index = np.vstack([local[attention.indices[edges]], local[target]])
+        return self.induced(nodes, n_seeds=len(seeds), edges=(edge_index, attention.data[edges]))
+
     def n_edges(self, nodes: np.ndarray) -> int:
         """Edges of the subgraph induced by ``nodes`` (without building it)."""
         return int(self.attention[nodes][:, nodes].nnz)
 
-    def induced(self, nodes: np.ndarray, *, n_seeds: int | None = None) -> Subgraph:
-        """The subgraph induced by ``nodes`` (table rows; the first ``n_seeds`` are seeds)."""
+    def induced(
+        self,
+        nodes: np.ndarray,
+        *,
+        n_seeds: int | None = None,
+        edges: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> Subgraph:
+        """The subgraph induced by ``nodes`` (table rows; the first ``n_seeds`` are seeds).
+
+        ``edges``: local ``(2, n_edges)`` (source, target) indices and weights of the graph
+        attention's edges, instead of all edges among ``nodes``.
+        """
         nodes = np.asarray(nodes, dtype=np.int64)
         device = self.inputs.spot.device
         index = torch.as_tensor(nodes, device=device)
         adjacency = self.adjacency[nodes][:, nodes].tocoo()
-        attention = self.attention[nodes][:, nodes].tocoo()
+        if edges is None:
+            attention = self.attention[nodes][:, nodes].tocoo()
+            edge_index = np.vstack([attention.col, attention.row])
+            edges = (edge_index, attention.data)
         n = len(nodes)
         adjacency_index = torch.from_numpy(
             np.vstack([adjacency.row, adjacency.col]).astype(np.int64)
@@ -182,10 +269,8 @@ class GraphSampler:
             spot=self.inputs.spot[index],
             region_tokens=self.inputs.region_tokens[index],
             global_tokens=self.inputs.global_tokens[index],
-            edge_index=torch.from_numpy(
-                np.vstack([attention.col, attention.row]).astype(np.int64)
-            ).to(device),
-            edge_weight=torch.from_numpy(attention.data).to(device),
+            edge_index=torch.from_numpy(edges[0].astype(np.int64)).to(device),
+            edge_weight=torch.from_numpy(np.asarray(edges[1], dtype=np.float32)).to(device),
             adjacency=torch.sparse_coo_tensor(
                 adjacency_index,
                 torch.from_numpy(adjacency.data),

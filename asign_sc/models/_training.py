@@ -35,7 +35,7 @@ from asign_sc.models._memory import (
     memory_budget,
     network_bytes,
 )
-from asign_sc.models._sampling import GraphSampler, Subgraph, spatial_batches
+from asign_sc.models._sampling import GraphSampler, Subgraph, sample_neighbors, spatial_batches
 
 __all__ = [
     "AUTO_BATCH_SIZE",
@@ -313,10 +313,39 @@ class TrainingPlan:
             spatial_batches(tile_coords[self.val_pos], batch_size) if len(self.val_pos) else []
         )
         self.val_tiles = val_tiles
-        self.closures = {
-            "train": [self.sampler.closure_nodes(rows[self.pool_pos[t]]) for t in self.train_tiles],
-            "val": [self.sampler.closure_nodes(rows[self.val_pos[t]]) for t in val_tiles],
+        self.seed_rows = {
+            "train": [rows[self.pool_pos[t]] for t in self.train_tiles],
+            "val": [rows[self.val_pos[t]] for t in val_tiles],
         }
+        fanout = self.config.num_neighbors
+        if fanout is None:
+            self.closures = {
+                group: [self.sampler.closure_nodes(seeds) for seeds in seed_rows]
+                for group, seed_rows in self.seed_rows.items()
+            }
+        else:
+            # training tiles are sampled afresh at every step; the validation tiles once, so
+            # early stopping compares epochs on the same subgraphs. A child generator (spawning
+            # leaves self.rng's state as it is): the masks are those of exact training, and
+            # the same on every process of a distributed group, whatever each one samples.
+            self.sampling_rng = self.rng.spawn(1)[0]
+            self.val_subgraphs = [
+                self.sampler.sampled(seeds, fanout, np.random.default_rng(i))
+                for i, seeds in enumerate(self.seed_rows["val"])
+            ]
+            # one draw of every training tile (its nodes and edge count), for the memory
+            # estimate and the log
+            draws = [
+                sample_neighbors(
+                    self.sampler.attention, seeds, self.sampler.n_hops, fanout, self.sampling_rng
+                )
+                for seeds in self.seed_rows["train"]
+            ]
+            self.sampled_sizes = [(len(nodes), len(edges)) for nodes, edges in draws]
+            self.closures = {
+                "train": [nodes for nodes, _ in draws],
+                "val": [sub.nodes for sub in self.val_subgraphs],
+            }
         # validation order: the tiles' seeds concatenated
         self.val_rows = torch.as_tensor(
             np.concatenate([rows[self.val_pos[t]] for t in val_tiles])
@@ -327,17 +356,20 @@ class TrainingPlan:
         sizes = [len(nodes) for nodes in self.closures["train"]]
         logger.info(
             "Mini-batch training: %d tiles of <= %d training spots, subgraphs of %d-%d spots "
-            "(%d-hop closures) in a stack of %d.",
+            "(%d-hop closures%s) in a stack of %d.",
             len(self.train_tiles),
             batch_size,
             min(sizes),
             max(sizes),
             self.sampler.n_hops,
+            "" if fanout is None else f", at most {fanout} sampled in-edges per spot",
             self.n_obs,
         )
 
     def _build_subgraphs(self) -> None:
-        """The tiles' subgraphs (the closures list their seeds first), built once."""
+        """The exact closures' subgraphs (they list their seeds first), built once."""
+        if self.config.num_neighbors is not None:
+            return  # training steps sample afresh; the validation tiles are drawn already
         self.train_subgraphs, self.val_subgraphs = (
             [
                 self.sampler.induced(nodes, n_seeds=len(tile))
@@ -355,10 +387,14 @@ class TrainingPlan:
         held = self.n_obs  # rows of features held: the stack, plus the subgraphs' copies
         if self.batch_size is None:
             n_nodes, n_edges = self.n_obs, int(inputs.edge_index.shape[1])
-        else:
+        elif self.config.num_neighbors is None:
             largest = max(self.closures["train"], key=len)
             n_nodes, n_edges = len(largest), self.sampler.n_edges(largest)
             held += sum(len(nodes) for group in self.closures.values() for nodes in group)
+        else:
+            # a step's subgraph is sampled afresh: the largest draw, with a margin for others
+            n_nodes, n_edges = (round(1.1 * size) for size in max(self.sampled_sizes))
+            held += n_nodes + sum(len(nodes) for nodes in self.closures["val"])
         step = training_step_bytes(self.net, inputs, n_nodes, n_edges)
         return step + MemoryEstimate({"inputs": float(held) * width * 4})
 
@@ -434,12 +470,17 @@ class TrainingPlan:
     def _batch_epoch(self, visible: torch.Tensor) -> dict[str, float]:
         """One step per tile (this process's share of them), in a random order."""
         visible_pool = visible[self.pool_rows]
-        order = self.rng.permutation(len(self.train_subgraphs))
+        order = self.rng.permutation(len(self.train_tiles))
         n_steps = math.ceil(len(order) / self.world_size)
+        fanout = self.config.num_neighbors
         records = []
         for step in range(n_steps):
             tile = int(order[(step * self.world_size + self.rank) % len(order)])
-            subgraph = self.train_subgraphs[tile]
+            subgraph = (
+                self.train_subgraphs[tile]
+                if fanout is None
+                else self.sampler.sampled(self.seed_rows["train"][tile], fanout, self.sampling_rng)
+            )
             seeds_in_pool = torch.as_tensor(self.train_tiles[tile], device=self.device)
             records.append(self._batch_step(subgraph, seeds_in_pool, visible, visible_pool))
         self.scheduler.step()

@@ -10,6 +10,7 @@ from asign_sc.models._sampling import (
     GraphSampler,
     khop_closure,
     message_passing_chunks,
+    sample_neighbors,
     spatial_batches,
 )
 
@@ -39,6 +40,60 @@ def test_khop_closure_follows_the_rows_of_the_graph():
     assert khop_closure(path, np.array([0]), 2).tolist() == [0, 1, 2]
     assert khop_closure(path, np.array([2, 0]), 1).tolist() == [2, 0, 1, 3]
     assert khop_closure(path, np.array([4]), 10).tolist() == [4, 0, 1, 2, 3]
+
+
+def test_sample_neighbors_keeps_at_most_the_fanout_of_each_reached_spot():
+    toy = Toy(n=300)
+    graph = toy.graph.tocsr()
+    degree = np.diff(graph.indptr)
+    assert degree.max() > 4  # the cap bites
+    seeds = np.array([5, 17])
+    nodes, edges = sample_neighbors(graph, seeds, 2, 4, np.random.default_rng(0))
+    assert nodes[:2].tolist() == [5, 17] and len(np.unique(nodes)) == len(nodes)
+    targets = np.repeat(np.arange(300), degree)[edges]
+    sources = graph.indices[edges]
+    # real edges, each at most once; every target keeps min(degree, 4) of them
+    assert len(np.unique(edges)) == len(edges)
+    kept = np.bincount(targets, minlength=300)
+    np.testing.assert_array_equal(
+        kept[np.unique(targets)], np.minimum(degree, 4)[np.unique(targets)]
+    )
+    # the seeds and the first hop have in-edges; the second hop's nodes are leaves
+    hop1 = np.setdiff1d(sources[np.isin(targets, seeds)], seeds)
+    assert set(np.unique(targets)) == set(seeds) | set(hop1)
+    assert set(nodes) == set(seeds) | set(sources)
+    # a subset of the exact closure, smaller than it
+    assert set(nodes) < set(khop_closure(graph, seeds, 2))
+    # a fan-out above every degree gives the exact closure, every in-edge of its inner hops
+    nodes, edges = sample_neighbors(graph, seeds, 2, 1000, np.random.default_rng(0))
+    assert sorted(nodes) == sorted(khop_closure(graph, seeds, 2))
+    # different draws differ, the same generator state draws the same
+    draw = lambda seed: sample_neighbors(graph, seeds, 2, 4, np.random.default_rng(seed))[1]  # noqa: E731
+    np.testing.assert_array_equal(draw(1), draw(1))
+    assert not np.array_equal(np.sort(draw(1)), np.sort(draw(2)))
+    with pytest.raises(ValueError, match="num_neighbors"):
+        sample_neighbors(graph, seeds, 2, 0, np.random.default_rng(0))
+
+
+def test_sampled_subgraph_keeps_the_sampled_edges_and_the_induced_adjacency():
+    toy = Toy(n=300)
+    sampler = GraphSampler(_inputs(toy), n_hops=2)
+    seeds = np.array([3, 40, 41])
+    sub = sampler.sampled(seeds, 3, np.random.default_rng(0))
+    nodes, edges = sample_neighbors(sampler.attention, seeds, 2, 3, np.random.default_rng(0))
+    np.testing.assert_array_equal(sub.nodes, nodes)
+    assert sub.n_seeds == 3
+    source, target = sub.inputs.edge_index.numpy()
+    weights = sub.inputs.edge_weight.numpy()
+    assert len(source) == len(edges) and np.bincount(target).max() <= 3
+    # each local edge is the graph's edge between the same spots, with its weight
+    np.testing.assert_allclose(
+        weights, np.asarray(sampler.attention[nodes[target], nodes[source]]).ravel()
+    )
+    # the propagation keeps every edge among the subgraph's nodes
+    induced = sampler.adjacency[nodes][:, nodes]
+    assert sub.inputs.adjacency._nnz() == induced.nnz > len(edges)
+    torch.testing.assert_close(sub.inputs.spot, toy.spot[nodes])
 
 
 def _net(toy: Toy, graph_attention: bool = True) -> ASIGNNet:

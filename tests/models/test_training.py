@@ -89,7 +89,7 @@ def test_minibatch_plan_steps_once_per_tile_on_the_tiles_neighbourhood(one_threa
     val_pos, pool_pos = split_validation(len(known), 0.2, True, rng)
     plan = toy_plan(
         toy,
-        TrainingConfig(batch_size=32),
+        TrainingConfig(batch_size=32, num_neighbors=None),  # exact closures, built once
         pool_pos=pool_pos,
         val_pos=val_pos,
         rng=rng,
@@ -109,6 +109,57 @@ def test_minibatch_plan_steps_once_per_tile_on_the_tiles_neighbourhood(one_threa
     history = plan.run(show_progress_bar=False)
     assert n_tiles >= 2 and len(history) == 3 and len(steps) == 3 * n_tiles
     assert np.isfinite(history[["loss", "val_loss", "val_pcc"]].to_numpy()).all()
+
+
+def test_neighbour_sampled_plan_draws_new_training_subgraphs_every_step(one_thread):
+    import torch
+
+    from asign_sc.models import TrainingConfig
+
+    from .conftest import Toy, toy_plan
+
+    toy = Toy(n=150)
+    known = np.flatnonzero(toy.known.numpy())
+    rng = np.random.default_rng(0)
+    val_pos, pool_pos = split_validation(len(known), 0.2, True, rng)
+    config = TrainingConfig(batch_size=32, num_neighbors=2)
+    plan = toy_plan(toy, config, pool_pos=pool_pos, val_pos=val_pos, rng=rng, batch_size=32)
+    assert not hasattr(plan, "train_subgraphs")
+    drawn = []
+    sampled = plan.sampler.sampled
+
+    def recording(seeds, fanout, generator):
+        drawn.append(sub := sampled(seeds, fanout, generator))
+        return sub
+
+    plan.sampler.sampled = recording
+    val_edges = [sub.inputs.edge_index.clone() for sub in plan.val_subgraphs]
+    history = plan.run(show_progress_bar=False)
+    n_tiles = len(plan.train_tiles)
+    assert n_tiles >= 2 and len(history) == 3 and len(drawn) == 3 * n_tiles
+    assert np.isfinite(history[["loss", "val_loss", "val_pcc"]].to_numpy()).all()
+    for sub in drawn:  # the fan-out bounds every spot's in-edges
+        assert np.bincount(sub.inputs.edge_index[1].numpy()).max() <= 2
+    # a tile's draws differ from epoch to epoch; validation keeps its subgraphs
+    seeds = drawn[0].nodes[: drawn[0].n_seeds]
+    first = [s for s in drawn if np.array_equal(s.nodes[: s.n_seeds], seeds)]
+    assert len(first) == 3
+    assert not all(np.array_equal(first[0].nodes, s.nodes) for s in first[1:])
+    for before, sub in zip(val_edges, plan.val_subgraphs, strict=True):
+        assert torch.equal(before, sub.inputs.edge_index)
+    # sampling leaves the mask generator as it is: the same masks as exact training
+    exact = toy_plan(
+        toy,
+        TrainingConfig(batch_size=32),
+        pool_pos=pool_pos,
+        val_pos=val_pos,
+        rng=np.random.default_rng(5),
+        batch_size=32,
+    )
+    again = toy_plan(
+        toy, config, pool_pos=pool_pos, val_pos=val_pos, rng=np.random.default_rng(5), batch_size=32
+    )
+    assert exact.rng.bit_generator.state == again.rng.bit_generator.state
 
 
 def test_feature_noise_perturbs_training_inputs_only(one_thread):

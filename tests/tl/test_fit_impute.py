@@ -683,10 +683,18 @@ def test_minibatch_training_is_as_accurate_as_full_graph(stack):
     """Per-gene PCC on the unknown sections, 2 seeds per mode, 40 epochs.
 
     Measured over 4 seeds (60 epochs): full-graph 0.809 +- 0.0025, mini-batch (32 spots)
-    0.832 +- 0.0014; the tolerance, 0.01, is four seed standard deviations.
+    0.832 +- 0.0014; the tolerance, 0.01, is four seed standard deviations. Mini-batches on
+    neighbour-sampled subgraphs (at most 4 in-edges per spot, of 11 on average here:
+    0.821 against 0.822 exact) as
+    well.
     """
+    modes = {
+        "full": {"batch_size": None},
+        "exact": {"batch_size": 32, "num_neighbors": None},
+        "sampled": {"batch_size": 32, "num_neighbors": 4},
+    }
     scores = {}
-    for batch_size in (None, 32):
+    for mode, settings in modes.items():
         for seed in (0, 1):
             adata = stack.copy()
             model = fit_asign(
@@ -695,7 +703,7 @@ def test_minibatch_training_is_as_accurate_as_full_graph(stack):
                 n_top_genes=20,
                 device="cpu",
                 seed=seed,
-                training=TrainingConfig(batch_size=batch_size),
+                training=TrainingConfig(**settings),
                 # networks only (no linear member): the comparison sees the training alone
                 **{
                     **FAST,
@@ -707,10 +715,11 @@ def test_minibatch_training_is_as_accurate_as_full_graph(stack):
             unknown = (adata.obs["section"] != "S0").to_numpy()
             pred = adata.obsm["asign"].to_numpy()[unknown]
             score = per_gene_pcc(pred, truth_of(adata, model.genes)[unknown])
-            scores.setdefault(batch_size, []).append(score)
-    full, minibatch = np.mean(scores[None]), np.mean(scores[32])
+            scores.setdefault(mode, []).append(score)
+    full = np.mean(scores["full"])
     assert full > 0.6
-    assert minibatch >= full - 0.01, scores
+    for mode in ("exact", "sampled"):
+        assert np.mean(scores[mode]) >= full - 0.01, scores
 
 
 def test_fit_and_impute_fail_early_when_the_settings_need_too_much_memory(stack, fitted):
