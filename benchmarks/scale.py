@@ -72,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         help="TrainingConfig(batch_size=): 'auto', 'none' (full graph) or spots per batch",
     )
     parser.add_argument(
+        "--num-neighbors",
+        default="10",
+        help="TrainingConfig(num_neighbors=): sampled in-edges per spot in mini-batches, or "
+        "'none' (exact closures)",
+    )
+    parser.add_argument(
         "--max-section-gap",
         type=int,
         default=None,
@@ -115,13 +121,14 @@ class _Steps:
         return out
 
 
-def _training(batch_size: str):
+def _training(batch_size: str, num_neighbors: str):
     from asign_sc.models import TrainingConfig
 
-    value = batch_size.lower()
-    if value == "auto":
-        return TrainingConfig(batch_size="auto")
-    return TrainingConfig(batch_size=None if value == "none" else int(value))
+    def parse(value: str) -> int | str | None:
+        value = value.lower()
+        return value if value == "auto" else None if value == "none" else int(value)
+
+    return TrainingConfig(batch_size=parse(batch_size), num_neighbors=parse(num_neighbors))
 
 
 def _set_threads(threads: int) -> None:
@@ -199,7 +206,7 @@ def _model_steps(steps: _Steps, data, options: dict, *, spatial_key: str, spot_r
         known_sections=["S1"],
         n_models=options["n_models"],
         epochs=options["epochs"],
-        training=_training(options["batch_size"]),
+        training=_training(options["batch_size"], options["num_neighbors"]),
         device=options["device"],
         show_progress_bar=False,
     )
@@ -369,7 +376,7 @@ def report(rows: list[dict], options: dict, load: tuple[float, float], argv: lis
             "and impute on the user encoder's features; fit: "
             f"`fit_asign(known_sections=['S1'], n_models={options['n_models']}, "
             f"epochs={options['epochs']}, training=TrainingConfig(batch_size="
-            f"{options['batch_size']!r}))`.",
+            f"{options['batch_size']!r}, num_neighbors={options['num_neighbors']}))`.",
         ),
         "graph, fit, impute": (
             "Graph, fit and impute: plain AnnData",
@@ -403,6 +410,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "epochs",
             "n_models",
             "batch_size",
+            "num_neighbors",
             "max_section_gap",
             "device",
             "threads",
