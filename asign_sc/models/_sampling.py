@@ -155,7 +155,8 @@ def sample_neighbors(
     for _ in range(n_hops):
         if not len(frontier):
             break
-        starts, degrees = indptr[frontier], np.diff(indptr)[frontier]
+        starts = indptr[frontier]
+        degrees = indptr[frontier + 1] - starts
         # every in-edge of the frontier (its position in the CSR arrays), with a random key;
         # the num_neighbors smallest keys of each row are a uniform sample of that row
         row = np.repeat(np.arange(len(frontier)), degrees)
@@ -212,8 +213,6 @@ class GraphSampler:
         self.attention = sp.csr_matrix(
             (inputs.edge_weight.cpu().numpy(), (target, source)), shape=(n, n), dtype=np.float32
         )
-        # the target (row) of every entry of the CSR arrays, for sampled edges
-        self.edge_targets = np.repeat(np.arange(n), np.diff(self.attention.indptr))
 
     def closure_nodes(self, seeds: np.ndarray) -> np.ndarray:
         """The ``n_hops``-hop closure of ``seeds`` (table rows), the seeds first."""
@@ -231,7 +230,9 @@ class GraphSampler:
         every edge among the nodes it has).
         """
         nodes, edges = sample_neighbors(self.attention, seeds, self.n_hops, num_neighbors, rng)
-        attention, target = self.attention, self.edge_targets[edges]
+        attention = self.attention
+        # the row (target) of each sampled CSR position
+        target = np.searchsorted(attention.indptr, edges, side="right") - 1
         local = np.full(attention.shape[0], -1, dtype=np.int64)
         local[nodes] = np.arange(len(nodes))
         edge_index = np.vstack([local[attention.indices[edges]], local[target]])

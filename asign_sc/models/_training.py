@@ -348,9 +348,7 @@ class TrainingPlan:
             }
         # validation order: the tiles' seeds concatenated
         self.val_rows = torch.as_tensor(
-            np.concatenate([rows[self.val_pos[t]] for t in val_tiles])
-            if val_tiles
-            else np.zeros(0, dtype=np.int64),
+            np.concatenate(self.seed_rows["val"]) if val_tiles else np.zeros(0, dtype=np.int64),
             device=self.device,
         )
         sizes = [len(nodes) for nodes in self.closures["train"]]

@@ -78,21 +78,26 @@ def test_auto_batch_size_keeps_small_stacks_full_graph():
         resolve_batch_size(None, n_obs=100, n_pool=50, world_size=2)
 
 
-def test_minibatch_plan_steps_once_per_tile_on_the_tiles_neighbourhood(one_thread):
-    from asign_sc.models import TrainingConfig
+def _split_plan(config, batch_size: int | None = None):
+    """A toy plan of 150 spots, its known spots split 80/20 at random (seed 0).
 
+    Returns the plan, the toy, the known rows and the pool and validation positions.
+    """
     from .conftest import Toy, toy_plan
 
     toy = Toy(n=150)
     known = np.flatnonzero(toy.known.numpy())
     rng = np.random.default_rng(0)
     val_pos, pool_pos = split_validation(len(known), 0.2, True, rng)
-    plan = toy_plan(
-        toy,
+    plan = toy_plan(toy, config, pool_pos=pool_pos, val_pos=val_pos, rng=rng, batch_size=batch_size)
+    return plan, toy, known, pool_pos, val_pos
+
+
+def test_minibatch_plan_steps_once_per_tile_on_the_tiles_neighbourhood(one_thread):
+    from asign_sc.models import TrainingConfig
+
+    plan, _, known, pool_pos, _ = _split_plan(
         TrainingConfig(batch_size=32, num_neighbors=None),  # exact closures, built once
-        pool_pos=pool_pos,
-        val_pos=val_pos,
-        rng=rng,
         batch_size=32,
     )
     n_tiles = len(plan.train_subgraphs)
@@ -116,14 +121,10 @@ def test_neighbour_sampled_plan_draws_new_training_subgraphs_every_step(one_thre
 
     from asign_sc.models import TrainingConfig
 
-    from .conftest import Toy, toy_plan
+    from .conftest import toy_plan
 
-    toy = Toy(n=150)
-    known = np.flatnonzero(toy.known.numpy())
-    rng = np.random.default_rng(0)
-    val_pos, pool_pos = split_validation(len(known), 0.2, True, rng)
     config = TrainingConfig(batch_size=32, num_neighbors=2)
-    plan = toy_plan(toy, config, pool_pos=pool_pos, val_pos=val_pos, rng=rng, batch_size=32)
+    plan, toy, _, pool_pos, val_pos = _split_plan(config, batch_size=32)
     assert not hasattr(plan, "train_subgraphs")
     drawn = []
     sampled = plan.sampler.sampled
@@ -167,19 +168,7 @@ def test_feature_noise_perturbs_training_inputs_only(one_thread):
 
     from asign_sc.models import TrainingConfig
 
-    from .conftest import Toy, toy_plan
-
-    toy = Toy(n=150)
-    known = np.flatnonzero(toy.known.numpy())
-    rng = np.random.default_rng(0)
-    val_pos, pool_pos = split_validation(len(known), 0.2, True, rng)
-    plan = toy_plan(
-        toy,
-        TrainingConfig(batch_size=None, feature_noise=0.5),
-        pool_pos=pool_pos,
-        val_pos=val_pos,
-        rng=rng,
-    )
+    plan, toy, _, _, _ = _split_plan(TrainingConfig(batch_size=None, feature_noise=0.5))
     inputs = plan.inputs
     seen = []
     forward = plan.net.forward
