@@ -39,6 +39,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+EVALUATION_BASELINES = ("mean", "propagation", "ridge", "ridge_propagation")
+"""Baselines scored beside ASIGN by ``asign-sc run``: the trivial one and the strongest."""
+
 
 def load_input(
     *,
@@ -164,7 +167,8 @@ def run_pipeline(
     (:func:`asign_sc.gr.build_3d_graph`), fit the model on the ``known`` sections
     (:func:`asign_sc.tl.fit_asign`), impute every spot (:func:`asign_sc.tl.impute`) and,
     where the other sections have measured counts, score the imputation beside the
-    baselines (:func:`asign_sc.tl.evaluate`).
+    baselines (:func:`asign_sc.tl.evaluate`: the known mean profile, propagation, ridge on
+    the image features and ridge + label spreading).
 
     Writes ``out/stack.zarr`` (the SpatialData with every result), ``out/model/`` (the model
     folder), ``out/metrics.json`` and ``out/metrics.csv`` (scores per method), figures
@@ -300,7 +304,9 @@ def _run_steps(
     outputs = {"zarr": str(out / "stack.zarr"), "model": str(out / "model")}
     metrics = None
     if evaluated:
-        scores = step("evaluate", tl.evaluate, sdata, sections=unknown)
+        scores = step(
+            "evaluate", tl.evaluate, sdata, sections=unknown, baselines=EVALUATION_BASELINES
+        )
         scores.to_csv(work / "metrics.csv", index=False)
         overall = scores[scores["section"] == "all"]
         metrics = {

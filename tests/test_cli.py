@@ -71,7 +71,7 @@ def test_demo_run_writes_every_output(demo_run):
     ]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sections"] == ["S2", "S3", "S4"]
-    assert set(metrics["scores"]) == {"asign", "mean", "propagation"}
+    assert set(metrics["scores"]) == {"asign", "mean", "propagation", "ridge", "ridge_propagation"}
     assert metrics["scores"]["mean"]["pcc_gene"] == 0.0
     for figure in summary["outputs"]["figures"]:
         assert (out / figure.split("/")[-1]).stat().st_size > 10_000

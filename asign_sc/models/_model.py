@@ -166,6 +166,9 @@ class ASIGNModel:
         arch.setdefault("ridge_member", 0.0)
         # ... and were built with GATv2 layers
         arch.setdefault("gat_variant", "gatv2")
+        # ... and with both attention blocks (the defaults until they measured worse)
+        arch.setdefault("cross_attention", True)
+        arch.setdefault("graph_attention", True)
         dims = {k: arch.pop(k) for k in FEATURE_DIMS}
         n_genes = arch.pop("n_genes")
         n_models = int(arch.pop("n_models", 1))
@@ -260,13 +263,13 @@ class ASIGNModel:
         return self
 
     def __repr__(self) -> str:
-        removed = [
-            k for k in ("cross_attention", "graph_attention") if not getattr(self.architecture, k)
+        attention = [
+            k for k in ("cross_attention", "graph_attention") if getattr(self.architecture, k)
         ]
         epochs = int(self.history["epoch"].count()) if "epoch" in self.history else 0
         return (
             f"ASIGNModel(n_genes={len(self.genes)}, hidden_dim={self.architecture.hidden_dim}, "
-            + (f"without={removed}, " if removed else "")
+            + (f"attention={attention}, " if attention else "")
             + f"trained_on={self.known_sections}, epochs={epochs})"
         )
 

@@ -171,8 +171,8 @@ def test_resolve_device():
 @pytest.mark.parametrize(
     ("switches", "absent"),
     [
-        ({"cross_attention": False}, ".attn_"),
-        ({"graph_attention": False}, ".gat."),
+        ({"cross_attention": False, "graph_attention": True}, ".attn_"),
+        ({"cross_attention": True, "graph_attention": False}, ".gat."),
         ({"cross_attention": False, "graph_attention": False}, ".attn_"),
     ],
 )
@@ -182,7 +182,8 @@ def test_ablated_architecture_is_rebuilt_from_a_checkpoint(toy, tmp_path, switch
     model = ASIGNModel.from_settings({"architecture": arch, "genes": []})
     state = model.net.state_dict()
     assert not any(absent in k for k in state)
-    assert "without=" in repr(model)
+    on = [k for k, v in switches.items() if v]
+    assert (f"attention={on}" in repr(model)) if on else ("attention=" not in repr(model))
     loaded = ASIGNModel.load(model.save(tmp_path / "m"))
     stored = loaded.settings["architecture"]
     assert {k: stored[k] for k in arch} == arch  # the rest: defaults, spelled out
@@ -198,7 +199,8 @@ def test_settings_without_switches_build_the_full_network(toy):
     arch = {"spot_dim": 8, "region_dim": 8, "global_dim": 8, "n_genes": 3, "hidden_dim": 8}
     net = ASIGNModel.from_settings({"architecture": arch}).net.members[0].network
     assert net.graph_attention and net.fusion.cross_attention
-    assert "without=" not in repr(ASIGNModel.from_settings({"architecture": arch}))
+    shown = "attention=['cross_attention', 'graph_attention']"
+    assert shown in repr(ASIGNModel.from_settings({"architecture": arch}))
 
 
 def test_models_saved_before_gat_variant_existed_load_their_gatv2_layers(toy, tmp_path):
@@ -215,3 +217,16 @@ def test_models_saved_before_gat_variant_existed_load_their_gatv2_layers(toy, tm
         torch.testing.assert_close(value, model.net.state_dict()[key])
     # new models use the paper's GAT layers
     assert ArchitectureConfig().gat_variant == "gat"
+
+
+def test_defaults_leave_out_both_attention_blocks_and_paper_restores_them(toy):
+    default = ArchitectureConfig()
+    assert not default.cross_attention and not default.graph_attention
+    assert default.ridge_member == 0.5
+    paper = ArchitectureConfig.paper(hidden_dim=16, n_heads=2)
+    assert paper.cross_attention and paper.graph_attention
+    assert (paper.gat_variant, paper.ridge_member, paper.hidden_dim) == ("gat", 0.0, 16)
+    dims = dict(zip(("spot_dim", "region_dim", "global_dim"), toy.dims, strict=True))
+    settings = {**dims, "n_genes": toy.n_genes, **paper.to_dict()}
+    state = ASIGNModel.from_settings({"architecture": settings}).net.state_dict()
+    assert any(".gat." in k for k in state) and any(".attn_" in k for k in state)

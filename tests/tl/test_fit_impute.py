@@ -296,19 +296,20 @@ def _fit_ablated(adata: ad.AnnData, **switches: bool) -> ASIGNModel:
 @pytest.mark.parametrize(
     "switches",
     [
-        {"cross_attention": False},
-        {"graph_attention": False},
+        {"cross_attention": True, "graph_attention": True},
+        {"cross_attention": True, "graph_attention": False},
+        {"cross_attention": False, "graph_attention": True},
         {"cross_attention": False, "graph_attention": False},
     ],
 )
-def test_ablated_models_fit_impute_and_round_trip(stack, tmp_path, switches):
+def test_every_attention_setting_fits_imputes_and_round_trips(stack, tmp_path, switches):
     from torch_geometric.nn import GATConv
 
     adata = stack.copy()
     model = _fit_ablated(adata, **switches)
     arch = model.settings["architecture"]
-    assert arch["cross_attention"] is switches.get("cross_attention", True)
-    assert arch["graph_attention"] is switches.get("graph_attention", True)
+    assert arch["cross_attention"] is switches["cross_attention"]
+    assert arch["graph_attention"] is switches["graph_attention"]
     modules = list(model.net.modules())
     fusion = model.net.members[0].network.fusion
     has_attention = any(isinstance(m, torch.nn.MultiheadAttention) for m in fusion.modules())
@@ -529,10 +530,18 @@ def test_ridge_baselines_predict_from_images_and_spread_over_the_graph(stack):
 
 
 @pytest.mark.slow
-def test_full_method_beats_every_baseline_on_unknown_sections(stack):
+def test_paper_network_beats_every_baseline_on_unknown_sections(stack):
+    """On this stack the features are noisy maps of a smooth field, so graph attention
+    (averaging neighbours' features) pays; on her2st it does not (accuracy benchmark) and
+    the default network leaves it out."""
     adata = stack.copy()
+    paper_network = ArchitectureConfig(**SMALL, cross_attention=True, graph_attention=True)
     model = fit_asign(
-        adata, known_sections=["S0"], n_top_genes=20, device="cpu", **{**FAST, "epochs": 150}
+        adata,
+        known_sections=["S0"],
+        n_top_genes=20,
+        device="cpu",
+        **{**FAST, "epochs": 150, "architecture": paper_network},
     )
     unknown = (adata.obs.section != "S0").to_numpy()
     truth = truth_of(adata, model.genes)[unknown]
