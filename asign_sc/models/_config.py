@@ -83,8 +83,8 @@ class ArchitectureConfig(_Config):
         width; the 3D graph still carries the cross-layer imputation.
 
         Both attention blocks are off by default because on her2st patient C the network
-        without them transfers better to the unknown sections, on both known sections and
-        every seed, in a third of the fitting time (see the accuracy benchmark);
+        without them transfers better to the unknown sections with either section known
+        (3 seeds each), in a third of the fitting time (see the accuracy benchmark);
         :meth:`paper` gives the paper's MSAGNet.
     gat_variant
         The graph-attention layer: ``"gat"``, the paper's eq. 4 (Veličković et al.,

@@ -95,8 +95,9 @@ def fit_asign(
     {graph_key}
     architecture
         The network (:class:`~asign_sc.models.ArchitectureConfig`: widths, depth, the
-        cross-attention / graph-attention ablation switches, PCA components); default the
-        paper's.
+        cross-attention and graph-attention blocks, PCA components, the linear member).
+        Default: the paper's widths and depth without its two attention blocks, which
+        measure better on her2st; ``ArchitectureConfig.paper()`` gives the paper's network.
     training
         How to train (:class:`~asign_sc.models.TrainingConfig`: optimiser, masking,
         validation, early stopping, loss weights, feature standardisation, ``target_sum``,
