@@ -148,38 +148,40 @@ def network_bytes(
     n_iterations: int,
     training: bool,
     gat_variant: str = "gat",
+    cross_attention: bool = True,
+    graph_attention: bool = True,
 ) -> MemoryEstimate:
     """Activations of one pass of :class:`~asign_sc.models.ASIGNNet` over a (sub)graph.
 
     ``dims`` are the (reduced) feature sizes the network reads; ``gat_variant`` the
-    graph-attention layer (``"gat"`` or ``"gatv2"``). With ``training=True`` the
-    saved activations of every stage and their gradients count (``TRAINING_FACTOR`` times
-    the forward sum);
-    without, only the largest stage plus the tensors kept between stages.
+    graph-attention layer (``"gat"`` or ``"gatv2"``); ``cross_attention`` and
+    ``graph_attention`` the network's blocks (without them: mean-pooled tokens and
+    spot-wise layers, which read no edges). With ``training=True`` the saved activations of
+    every stage and their gradients count (``TRAINING_FACTOR`` times the forward sum), and
+    the propagation keeps every iteration for the backward pass; without, only the largest
+    stage plus the tensors kept between stages, and one iteration's temporaries.
     """
     n, e, h, g = float(n_nodes), float(n_edges + n_nodes), float(hidden_dim), float(n_genes)
     tokens = n_tokens["region"] + n_tokens["global"]
+    inputs = dims["spot_dim"] + sum(n_tokens[k] * dims[f"{k}_dim"] for k in ("region", "global"))
+    # q/k/v/attention per token, or with mean-pooled tokens three projected levels
+    fusion = h * (3 + 7 * tokens) + n_heads * tokens * 3 if cross_attention else h * 3 * 3
+    # per edge (self-loops included), GAT: x_j, the edge embedding, the message, and
+    # logits, softmax, dropout per head; GATv2 adds x_i and the activated sum. Per node the
+    # linear maps and the layer output. Training at h = 128, 4 heads measured 3.3 h (GAT)
+    # and 4.3 h (GATv2) floats per edge and round; times TRAINING_FACTOR these widths stay
+    # above that. Spot-wise layers: the per-node part only.
+    per_edge = e * (EDGE_WIDTH[gat_variant] * h + 8 * n_heads) if graph_attention else 0.0
+    # per iteration: weighted labels, numerator, denominator, new values, clamping; kept
+    # for every iteration only when the backward pass needs them
+    steps = n_iterations if training else 1
     stages = {
-        # inputs, projections (linear, GELU, dropout) and q/k/v/attention per token
-        "fusion": n
-        * (
-            dims["spot_dim"]
-            + sum(n_tokens[k] * dims[f"{k}_dim"] for k in ("region", "global"))
-            + h * (3 + 7 * tokens)
-            + n_heads * tokens * 3
-        ),
-        # per edge (self-loops included), GAT: x_j, the edge embedding, the message, and
-        # logits, softmax, dropout per head; GATv2 adds x_i and the activated sum. Per node
-        # the linear maps and the layer output. Training at h = 128, 4 heads measured 3.3 h
-        # (GAT) and 4.3 h (GATv2) floats per edge and round; times TRAINING_FACTOR these
-        # widths stay above that.
-        "graph_attention": n_gat_layers
-        * (e * (EDGE_WIDTH[gat_variant] * h + 8 * n_heads) + n * 6 * h),
+        "fusion": n * (inputs + fusion),
+        "graph_attention": n_gat_layers * (per_edge + n * 6 * h),
         # three streams of width h through attention, norms and a 2h feed-forward
         "transformer": n * 3 * h * 16,
         "heads": n * 3 * g * 3,
-        # per iteration: weighted labels, numerator, denominator, new values, clamping
-        "propagation": n_iterations * (n * g * 6 + n * 6) + n * g * 4,
+        "propagation": steps * (n * g * 6 + n * 6) + n * g * 4,
     }
     parts = {k: v * FLOAT for k, v in stages.items()}
     if training:

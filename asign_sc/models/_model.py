@@ -447,6 +447,8 @@ def prediction_bytes(
         "n_iterations": arch.n_iterations,
         "training": False,
         "gat_variant": arch.gat_variant,
+        "cross_attention": arch.cross_attention,
+        "graph_attention": arch.graph_attention,
     }
     chunk = network_bytes(n_chunk, chunk_edges, **sizes)
     # per member: (n, hidden) streams and rounds, (n, genes) outputs; the propagation is whole

@@ -619,10 +619,12 @@ def training_step_bytes(
         n_genes=sizes["n_genes"],
         hidden_dim=sizes["hidden_dim"],
         n_heads=sizes["n_heads"],
-        n_gat_layers=net.message_passing_rounds or sizes["n_gat_layers"],
+        n_gat_layers=sizes["n_gat_layers"],
         n_iterations=sizes["n_iterations"],
         training=True,
         gat_variant=sizes["gat_variant"],
+        cross_attention=net.network.fusion.cross_attention,
+        graph_attention=net.network.graph_attention,
     )
 
 

@@ -131,3 +131,19 @@ def test_config_validates_batch_size_and_budget():
             TrainingConfig(max_memory_gb=bad)
     config = TrainingConfig(batch_size=256, max_memory_gb=2.5)
     assert TrainingConfig.from_dict(config.to_dict()) == config
+
+
+def test_estimates_follow_the_networks_blocks_and_prediction_keeps_one_step():
+    plain = {**SIZES, "cross_attention": False, "graph_attention": False}
+    few, many = (network_bytes(10_000, k, training=True, **plain) for k in (10_000, 500_000))
+    # spot-wise layers read no edges, mean-pooled tokens need no attention
+    assert few.parts["graph_attention"] == many.parts["graph_attention"]
+    full = network_bytes(10_000, 100_000, training=True, **SIZES)
+    assert few.parts["fusion"] < 0.5 * full.parts["fusion"]
+    # training keeps every propagation step for the backward pass, prediction one at a time
+    longer = {**SIZES, "n_iterations": 20}
+    grows = network_bytes(10_000, 0, training=True, **longer).parts["propagation"]
+    assert grows > 1.8 * full.parts["propagation"]
+    one = network_bytes(10_000, 0, training=False, **SIZES).parts["propagation"]
+    assert network_bytes(10_000, 0, training=False, **longer).parts["propagation"] == one
+    assert one < 0.2 * full.parts["propagation"]
