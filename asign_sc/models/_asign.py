@@ -109,7 +109,7 @@ class ASIGNNet(nn.Module):
         n_components: int | None = None,
     ) -> None:
         super().__init__()
-        # widths and depths the memory estimates and the mini-batch closure read
+        # widths, depths and blocks the memory estimates and the mini-batch closure read
         self.sizes = {
             "hidden_dim": hidden_dim,
             "n_heads": n_heads,
@@ -117,6 +117,8 @@ class ASIGNNet(nn.Module):
             "n_iterations": n_iterations,
             "n_genes": n_genes,
             "gat_variant": gat_variant,
+            "cross_attention": bool(cross_attention),
+            "graph_attention": bool(graph_attention),
         }
         # rounds of message passing in the network (0 without graph attention)
         self.message_passing_rounds = n_gat_layers if graph_attention else 0

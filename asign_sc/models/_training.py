@@ -607,7 +607,6 @@ def training_step_bytes(
     net: ASIGNNet, inputs: GraphInputs, n_nodes: int, n_edges: int
 ) -> MemoryEstimate:
     """Memory of one training step of ``net`` on ``n_nodes`` spots and ``n_edges`` edges."""
-    sizes = net.sizes
     return network_bytes(
         n_nodes,
         n_edges,
@@ -616,15 +615,8 @@ def training_step_bytes(
             "region": int(inputs.region_tokens.shape[1]),
             "global": int(inputs.global_tokens.shape[1]),
         },
-        n_genes=sizes["n_genes"],
-        hidden_dim=sizes["hidden_dim"],
-        n_heads=sizes["n_heads"],
-        n_gat_layers=sizes["n_gat_layers"],
-        n_iterations=sizes["n_iterations"],
         training=True,
-        gat_variant=sizes["gat_variant"],
-        cross_attention=net.network.fusion.cross_attention,
-        graph_attention=net.network.graph_attention,
+        **net.sizes,
     )
 
 
