@@ -143,6 +143,7 @@ def end_to_end(size: int, options: dict) -> list[dict]:
     from torch import nn
 
     import asign_sc as asg
+    from asign_sc._pipeline import write_zarr
 
     steps = _Steps("end to end", size)
     sdata, _ = steps.run(
@@ -181,7 +182,8 @@ def end_to_end(size: int, options: dict) -> list[dict]:
     )
     _model_steps(steps, sdata, options, spatial_key="spatial_aligned", spot_radius=None)
     with tempfile.TemporaryDirectory(prefix="asign_scale_") as folder:
-        steps.run("write zarr", sdata.write, Path(folder) / "stack.zarr")
+        # as `asign-sc run` writes it (without zarr's notice about sharding defaults)
+        steps.run("write zarr", write_zarr, sdata, Path(folder) / "stack.zarr")
     for row in steps.rows:
         row["n_obs"] = n_obs
     return steps.rows
