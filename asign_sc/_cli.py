@@ -83,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
         "package), resnet50, a timm model name, or obsm:KEY for precomputed embeddings",
     )
     run.add_argument(
+        "--stain-normalization",
+        choices=("none", "macenko"),
+        default="none",
+        help="map every section's H&E stain onto one reference before the encoder: macenko, "
+        "or none (default: none)",
+    )
+    run.add_argument(
         "--transform",
         choices=("rigid", "affine", "syn"),
         default="rigid",
@@ -175,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             known=args.known,
             library_key=args.library_key,
             encoder=args.encoder,
+            stain_normalization=None
+            if args.stain_normalization == "none"
+            else args.stain_normalization,
             transform=args.transform,
             epochs=args.epochs,
             device=args.device,

@@ -150,6 +150,7 @@ def run_pipeline(
     known: Sequence[str] | None = None,
     library_key: str = Key.obs.library,
     encoder: str = "default",
+    stain_normalization: str | None = None,
     transform: str = "rigid",
     epochs: int = 300,
     device: str = "auto",
@@ -181,7 +182,9 @@ def run_pipeline(
     :func:`asign_sc.tl.extract_features` and :func:`asign_sc.tl.register_sections`. Each step
     logs a line when it starts and ends (logger ``asign_sc._pipeline``); ``log_file``, the
     file those lines go to, is copied into the result as ``asign-sc.log`` from byte
-    ``log_offset`` on (this run's lines).
+    ``log_offset`` on (this run's lines). ``encoder`` and ``stain_normalization`` are
+    passed to :func:`asign_sc.tl.extract_features`, ``transform`` to
+    :func:`asign_sc.tl.register_sections`.
 
     Everything is checked before the first step. The outputs are written into a temporary
     folder beside ``out`` and moved into place when complete; with ``overwrite=True`` an
@@ -219,6 +222,7 @@ def run_pipeline(
             known=known,
             library_key=library_key,
             encoder=encoder,
+            stain_normalization=stain_normalization,
             transform=transform,
             epochs=epochs,
             device=device,
@@ -240,6 +244,7 @@ def _run_steps(
     known: list[str],
     library_key: str,
     encoder: str,
+    stain_normalization: str | None,
     transform: str,
     epochs: int,
     device: str,
@@ -281,6 +286,7 @@ def _run_steps(
         tl.extract_features,
         sdata,
         encoder=encoder,
+        stain_normalization=stain_normalization,
         windows=spot_windows(stack),
         device=device,
         library_key=library_key,

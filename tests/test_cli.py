@@ -131,6 +131,7 @@ def _bad_inputs(tmp_path):
         (["--demo", "--scheduler", " "], "--scheduler is empty"),
         (["--demo", "--encoder", "obsm:"], "needs a key"),
         (["--demo", "--encoder", "no_such_net"], "Unknown encoder 'no_such_net'"),
+        (["--demo", "--stain-normalization", "reinhard"], "invalid choice: 'reinhard'"),
         (["--demo", "--patient", "C"], "--patient applies to --her2st only"),
         (["{tmp}/nope.zarr"], "No SpatialData zarr store"),
         (["{tmp}/file.zarr"], r"is not a SpatialData zarr store \(a file\)"),
@@ -151,6 +152,17 @@ def test_bad_arguments_exit_2_before_any_work(tmp_path, capsys, args, match):
     assert exit_.value.code == 2
     assert re.search(match, err.strip().splitlines()[-1]), err
     assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize(("flag", "passed"), [("none", None), ("macenko", "macenko")])
+def test_stain_normalization_reaches_the_pipeline(monkeypatch, tmp_path, flag, passed):
+    import asign_sc._pipeline
+
+    seen = {}
+    monkeypatch.setattr(asign_sc._pipeline, "run_pipeline", lambda sdata, **kw: seen.update(kw))
+    out = tmp_path / "out"
+    main(["run", "--demo", "--stain-normalization", flag, "--out", str(out), "-q"])
+    assert seen["stain_normalization"] == passed
 
 
 def test_missing_embeddings_key_exits_2_before_registration(small_store, tmp_path, capsys):
