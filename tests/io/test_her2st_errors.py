@@ -53,6 +53,18 @@ def test_a_small_release_reads(release):
     assert stack.names == ["C1", "C2"] and stack["C1"].n_spots == 9
 
 
+def test_sections_read_on_threads_keep_their_order_and_pils_guard(tmp_path):
+    root = tmp_path / "her2st"
+    names = ["C3", "C1", "C4", "C2"]
+    for i, name in enumerate(names):
+        _write_section(root, name, n=4 + i, seed=i)
+    guard = Image.MAX_IMAGE_PIXELS
+    stack = resolve_stack(read_her2st(root, "C"), require_images=True)
+    assert Image.MAX_IMAGE_PIXELS == guard  # lifted for each file only, then restored
+    assert stack.names == ["C1", "C2", "C3", "C4"]
+    assert [stack[s].n_spots for s in stack.names] == [5, 7, 4, 6]
+
+
 @pytest.mark.parametrize(
     ("patient", "error", "match"),
     [
