@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -53,15 +54,20 @@ class StainTransform:
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """``(h, w, 3)`` ``uint8`` RGB pixels in this section's stain to the reference stain."""
         # torchstain normalises a whole image and re-estimates its stains from it; the tiles
-        # of a section must share the section's estimate, so the mixing step is written here
-        # (the formula of torchstain's MacenkoNormalizer.normalize, in float32).
-        flat = pixels.reshape(-1, 3).astype(np.float32)
-        density = -np.log((flat + 1.0) / LIGHT)
-        unmix = np.linalg.pinv(self.stain_vectors).astype(np.float32)  # (2, 3)
-        scale = (self.reference_max_concentrations / self.max_concentrations).astype(np.float32)
-        concentrations = (density @ unmix.T) * scale
-        mixed = LIGHT * np.exp(-concentrations @ self.reference_vectors.T.astype(np.float32))
-        return np.clip(mixed, 0, 255).astype(np.uint8).reshape(pixels.shape)
+        # of a section must share the section's estimate, so the mixing step is written here:
+        # torchstain's formula, LIGHT * exp(-OD @ unmix.T * scale @ reference.T), with the
+        # three matrices folded into one and the optical density of a uint8 value looked up.
+        density, mixing = self._tables
+        mixed = LIGHT * np.exp(-(density[pixels.reshape(-1, 3)] @ mixing))
+        return np.minimum(mixed, 255).astype(np.uint8).reshape(pixels.shape)
+
+    @cached_property
+    def _tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """Optical density of each uint8 value, and the ``(3, 3)`` unmix-rescale-remix map."""
+        density = -np.log((np.arange(256, dtype=np.float32) + 1.0) / LIGHT)
+        scale = self.reference_max_concentrations / self.max_concentrations
+        mixing = (np.linalg.pinv(self.stain_vectors).T * scale) @ self.reference_vectors.T
+        return density, mixing.astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form recorded in ``uns``."""
@@ -112,17 +118,14 @@ def fit_stain_transforms(stack: SectionStack, method: str) -> dict[str, StainTra
     stack
         Sections with images.
     method
-        ``"macenko"``: onto torchstain's reference H&E (a standard slide), so every section
-        and every stack is mapped onto the same stain.
+        ``"macenko"`` (checked by :func:`~asign_sc.tl.extract_features`): onto torchstain's
+        reference H&E (a standard slide), so every section and every stack is mapped onto
+        the same stain.
 
     Returns
     -------
     The transform of each section, by name.
     """
-    if method not in STAIN_METHODS:
-        raise ValueError(
-            f"stain_normalization must be one of {list(STAIN_METHODS)} or None, got {method!r}."
-        )
     reference_vectors, reference_maxima = _reference()
     transforms = {}
     for section in stack:
