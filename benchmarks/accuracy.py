@@ -351,17 +351,27 @@ def dihedral_features(her2st: Path, cache: Path):
     Only the features are kept (``obsm``): the variant swaps them into the main stack, so
     its registration and graph stay those of the main rows.
     """
+    from asign_sc.models.encoders import dihedral_average, get_encoder
+
+    encoder = dihedral_average(get_encoder("default"))
+    return patient_c_features(her2st, cache, "dihedral", {"encoder": encoder})
+
+
+def patient_c_features(her2st: Path, cache: Path, name: str, feature_kwargs: dict):
+    """Patient C's features from ``extract_features(**feature_kwargs)``; cached as ``name``.
+
+    Only the features are kept (``obsm``), for :func:`with_features` to swap into the main
+    stack.
+    """
     import anndata as ad
 
     from asign_sc.io import read_her2st
-    from asign_sc.models.encoders import dihedral_average, get_encoder
 
-    path = cache / "her2st_C_dihedral_features.h5ad"
+    path = cache / f"her2st_C_{name}_features.h5ad"
     if path.exists():
         return ad.read_h5ad(path)
     sdata = read_her2st(her2st, patient="C", sections=["C2", "C3", "C4", "C5", "C6"])
-    encoder = dihedral_average(get_encoder("default"))
-    table = prepare(sdata, feature_kwargs={"encoder": encoder, "cache_dir": cache / "features"})
+    table = prepare(sdata, feature_kwargs={**feature_kwargs, "cache_dir": cache / "features"})
     features = ad.AnnData(
         obs=table.obs[[]], obsm={k: v for k, v in table.obsm.items() if k.startswith("X_asign")}
     )

@@ -40,23 +40,7 @@ logger = logging.getLogger("stain")
 
 def stain_features(her2st: Path, cache: Path):
     """Patient C's features with Macenko stain normalisation; cached (features only)."""
-    import anndata as ad
-
-    from asign_sc.io import read_her2st
-
-    path = cache / "her2st_C_macenko_features.h5ad"
-    if path.exists():
-        return ad.read_h5ad(path)
-    sdata = read_her2st(her2st, patient="C", sections=["C2", "C3", "C4", "C5", "C6"])
-    table = accuracy.prepare(
-        sdata,
-        feature_kwargs={"stain_normalization": "macenko", "cache_dir": cache / "features"},
-    )
-    features = ad.AnnData(
-        obs=table.obs[[]], obsm={k: v for k, v in table.obsm.items() if k.startswith("X_asign")}
-    )
-    features.write_h5ad(path)
-    return features
+    return accuracy.patient_c_features(her2st, cache, "macenko", {"stain_normalization": "macenko"})
 
 
 def run(base, features, knowns, seeds) -> pd.DataFrame:
