@@ -231,15 +231,23 @@ class TrainingConfig(_Config):
         5,000 spots when the memory estimate fits (a measured threshold, see
         :doc:`/concepts`), else mini-batches of 2,048 spots (fewer when several
         processes share them: at least one batch each).
+    propagation_hops
+        Mini-batch training only: hops of the 3D graph around a tile that a step sees (its
+        *core*; the subgraph adds the network's message-passing rounds around it, so the
+        network's outputs on the core are those of a full-graph pass). The cross-layer
+        propagation reaches a tile's spots from visible spots at most this many hops away
+        (full-graph training: ``n_iterations`` hops), and the consistency term covers every
+        spot of the core, the unknown sections' included, as full-graph training covers
+        the whole stack. More hops: closer to full-graph training, larger steps.
+        See :doc:`/concepts`, "Large stacks".
     num_neighbors
-        Mini-batch training only: at most this many in-edges of every spot of a tile's
-        neighbourhood, drawn at random at every step (GraphSAGE neighbour sampling, as
-        torch_geometric's ``NeighborLoader``), so a step's cost is bounded by the fan-out
-        instead of the 3D graph's degree (a spot of a 10-section stack has 60 or more
-        neighbours). ``None``: the exact ``n_gat_layers``-hop neighbourhood. On her2st
-        patient C (known C2, ``batch_size=96``, seeds 0-2) 10 scored as the exact
-        neighbourhood and as full-graph training (per-gene PCC 0.262, 0.262 and 0.264, seed
-        spread 0.002) with fits a third shorter than exact.
+        Mini-batch training only: at most this many in-edges of every spot reached on the
+        network's message-passing hops (beyond the core), drawn at random at every step
+        (GraphSAGE neighbour sampling, as torch_geometric's ``NeighborLoader``), so a
+        step's cost is bounded by the fan-out instead of the 3D graph's degree (a spot of a
+        10-section stack has 60 or more neighbours). ``None``: the exact neighbourhood. A
+        network without graph attention (the default) passes no messages, so its
+        subgraphs are exact whatever this is.
     max_memory_gb
         Memory (GB) training and prediction may use; estimated before any work, and a
         setting that needs more fails at once with an error naming what to change.
@@ -262,6 +270,7 @@ class TrainingConfig(_Config):
     region_size: float | None = None
     global_size: float | None = None
     batch_size: BatchSize = "auto"
+    propagation_hops: int = 3
     num_neighbors: int | None = 10
     max_memory_gb: float | None = None
 
@@ -289,6 +298,7 @@ class TrainingConfig(_Config):
             )
         _check_bool("early_stopping", self.early_stopping)
         _check_positive_int("patience", self.patience)
+        _check_positive_int("propagation_hops", self.propagation_hops)
         for name in ("lr", "region_size", "global_size"):
             value = getattr(self, name)
             if value is not None and not value > 0:

@@ -59,9 +59,9 @@ HINTS = {
         "training lower TrainingConfig(num_neighbors=...) (sampled in-edges per spot), or "
         "build the 3D graph with fewer edges per spot (asign_sc.gr.build_3d_graph("
         "max_section_gap=2) on a tall stack, or a smaller n_neighs_across), or lower "
-        "TrainingConfig(batch_size=...) or ArchitectureConfig(hidden_dim=...); a mini-batch "
-        "holds spots up to n_gat_layers hops from its tile, so on a dense graph fewer edges "
-        "help most"
+        "TrainingConfig(batch_size=...), TrainingConfig(propagation_hops=...) or "
+        "ArchitectureConfig(hidden_dim=...); a mini-batch holds spots up to propagation_hops "
+        "+ n_gat_layers hops from its tile, so on a dense graph fewer edges help most"
     ),
     "transformer": (
         "the per-spot transformer of each batch is too large: lower "
@@ -69,7 +69,8 @@ HINTS = {
     ),
     "propagation": (
         "the cross-layer propagation (spots x genes x iterations) is too large: model fewer "
-        "genes (fit_asign(n_top_genes=...)), lower TrainingConfig(batch_size=...) or "
+        "genes (fit_asign(n_top_genes=...)), lower TrainingConfig(batch_size=...), "
+        "TrainingConfig(propagation_hops=...) (mini-batch subgraphs) or "
         "ArchitectureConfig(n_iterations=...)"
     ),
     "heads": "the output heads are too large: model fewer genes (fit_asign(n_top_genes=...))",

@@ -19,6 +19,7 @@ vectorised numpy on the CSR matrix of the graph (scipy), dependency-free.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,7 +38,9 @@ __all__ = [
     "MessageChunk",
     "Subgraph",
     "khop_closure",
+    "khop_layers",
     "message_passing_chunks",
+    "sample_layers",
     "sample_neighbors",
     "spatial_batches",
     "tile_coordinates",
@@ -98,35 +101,47 @@ def tile_coordinates(stack: SectionStack) -> np.ndarray:
     return coords
 
 
-def khop_closure(graph: sp.csr_matrix, seeds: np.ndarray, n_hops: int) -> np.ndarray:
-    """Seeds plus every node within ``n_hops`` steps along the rows of ``graph``.
+def khop_layers(graph: sp.csr_matrix, seeds: np.ndarray, n_hops: int) -> list[np.ndarray]:
+    """The seeds, then the nodes first reached at each of ``n_hops`` steps along ``graph``'s rows.
 
-    Row ``i`` of ``graph`` lists the neighbours whose messages spot ``i`` receives, so this
-    is the set of nodes a ``n_hops``-round message passing at the seeds reads.
+    Row ``i`` of ``graph`` lists the neighbours whose messages spot ``i`` receives, so the
+    union is the set of nodes a ``n_hops``-round message passing at the seeds reads.
 
     Returns
     -------
-    Node indices: the seeds first (in the given order), then the others in ascending order.
+    ``[seeds, hop 1, ..., hop k]`` (``k <= n_hops``: it stops when nothing new is reached),
+    each hop's nodes in ascending order.
     """
     seeds = np.asarray(seeds, dtype=np.int64)
     inside = np.zeros(graph.shape[0], dtype=bool)
     inside[seeds] = True
-    frontier = seeds
+    layers, frontier = [seeds], seeds
     for _ in range(n_hops):
-        if not len(frontier):
-            break
         reached = np.unique(graph[frontier].indices)
         frontier = reached[~inside[reached]]
+        if not len(frontier):
+            break
         inside[frontier] = True
-    inside[seeds] = False
-    return np.concatenate([seeds, np.flatnonzero(inside)])
+        layers.append(frontier)
+    return layers
+
+
+def khop_closure(graph: sp.csr_matrix, seeds: np.ndarray, n_hops: int) -> np.ndarray:
+    """Seeds plus every node within ``n_hops`` steps along the rows of ``graph``.
+
+    Returns
+    -------
+    Node indices: the seeds first (in the given order), then the nodes of each hop (see
+    :func:`khop_layers`), so the nodes within ``k`` hops come before the others.
+    """
+    return np.concatenate(khop_layers(graph, seeds, n_hops))
 
 
 def sample_neighbors(
     graph: sp.csr_matrix,
     seeds: np.ndarray,
     n_hops: int,
-    num_neighbors: int,
+    num_neighbors: int | Sequence[int | None],
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A fan-out-limited ``n_hops``-hop closure of ``seeds`` (GraphSAGE neighbour sampling).
@@ -135,6 +150,20 @@ def sample_neighbors(
     in-edges (row ``i`` of ``graph`` lists the sources of spot ``i``), drawn uniformly
     without replacement (all of them when it has fewer); their sources are the next hop's
     nodes. The nodes of the last hop keep no in-edges.
+
+    Parameters
+    ----------
+    graph
+        Targets x sources.
+    seeds
+        Node indices to start from.
+    n_hops
+        Hops of the closure.
+    num_neighbors
+        In-edges kept per node, one number for every hop or one per hop (``None``: all of
+        them, as torch_geometric's ``NeighborLoader`` takes ``-1``).
+    rng
+        Random generator of the draws.
 
     Returns
     -------
@@ -145,14 +174,32 @@ def sample_neighbors(
         Positions into ``graph.indices`` / ``graph.data`` of the sampled edges (target: the
         row, source: the column).
     """
-    if num_neighbors < 1:
-        raise ValueError(f"num_neighbors must be a positive integer, got {num_neighbors}.")
+    layers, edges = sample_layers(graph, seeds, n_hops, num_neighbors, rng)
+    return np.concatenate(layers), edges
+
+
+def sample_layers(
+    graph: sp.csr_matrix,
+    seeds: np.ndarray,
+    n_hops: int,
+    num_neighbors: int | Sequence[int | None],
+    rng: np.random.Generator,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """:func:`sample_neighbors` with the nodes as ``[seeds, hop 1, ...]`` (reached order)."""
+    fanouts = [num_neighbors] * n_hops if not isinstance(num_neighbors, Sequence) else num_neighbors
+    if len(fanouts) != n_hops:
+        raise ValueError(f"num_neighbors needs one entry per hop ({n_hops}), got {fanouts}.")
+    for fanout in fanouts:
+        if fanout is not None and (isinstance(fanout, bool) or fanout < 1):
+            raise ValueError(
+                f"num_neighbors must be a positive integer or None (all), got {fanout}."
+            )
     seeds = np.asarray(seeds, dtype=np.int64)
     indptr, indices = graph.indptr, graph.indices
     inside = np.zeros(graph.shape[0], dtype=bool)
     inside[seeds] = True
     frontier, reached, sampled = seeds, [seeds], []
-    for _ in range(n_hops):
+    for fanout in fanouts:
         if not len(frontier):
             break
         starts = indptr[frontier]
@@ -162,17 +209,19 @@ def sample_neighbors(
         row = np.repeat(np.arange(len(frontier)), degrees)
         offsets = np.arange(len(row)) - np.repeat(np.cumsum(degrees) - degrees, degrees)
         positions = np.repeat(starts, degrees) + offsets
-        order = np.lexsort((rng.random(len(row)), row))
-        rank = np.empty(len(row), dtype=np.int64)
-        rank[order] = offsets
-        positions = positions[rank < num_neighbors]
+        if fanout is not None:
+            order = np.lexsort((rng.random(len(row)), row))
+            rank = np.empty(len(row), dtype=np.int64)
+            rank[order] = offsets
+            positions = positions[rank < fanout]
         sampled.append(positions)
         sources = np.unique(indices[positions])
         frontier = sources[~inside[sources]]
         inside[frontier] = True
-        reached.append(frontier)
+        if len(frontier):
+            reached.append(frontier)
     edges = np.concatenate(sampled) if sampled else np.zeros(0, dtype=np.int64)
-    return np.concatenate(reached), edges
+    return reached, edges
 
 
 @dataclass
@@ -185,6 +234,9 @@ class Subgraph:
     """Number of seed nodes (whose network outputs are exact)."""
     inputs: GraphInputs
     """Features, edges and adjacency of the subgraph (node ``k`` = table row ``nodes[k]``)."""
+    n_core: int | None = None
+    """Number of nodes within the sampler's ``core_hops`` of the seeds (the first ``n_core``,
+    seeds included; ``None``: the seeds only)."""
 
 
 class GraphSampler:
@@ -195,12 +247,18 @@ class GraphSampler:
     inputs
         The stack's inputs (reduced features; any device).
     n_hops
-        Hops of the closure around the seeds (the number of graph-attention rounds for exact
-        network outputs at the seeds).
+        Hops of the closure around the seeds (at least the number of graph-attention rounds
+        for exact network outputs at the seeds).
+    core_hops
+        Hops around the seeds that make a subgraph's *core* (:attr:`Subgraph.n_core`): with
+        ``n_hops = core_hops + r`` and ``r`` graph-attention rounds, the network's outputs
+        on the exact closure's core are those of a full-graph pass.
     """
 
-    def __init__(self, inputs: GraphInputs, n_hops: int) -> None:
-        self.inputs, self.n_hops = inputs, int(n_hops)
+    def __init__(self, inputs: GraphInputs, n_hops: int, *, core_hops: int = 0) -> None:
+        if not 0 <= core_hops <= n_hops:
+            raise ValueError(f"core_hops must be in [0, n_hops={n_hops}], got {core_hops}.")
+        self.inputs, self.n_hops, self.core_hops = inputs, int(n_hops), int(core_hops)
         n = inputs.spot.shape[0]
         adjacency = inputs.adjacency.coalesce().cpu()
         rows, cols = adjacency.indices().numpy()
@@ -214,29 +272,51 @@ class GraphSampler:
             (inputs.edge_weight.cpu().numpy(), (target, source)), shape=(n, n), dtype=np.float32
         )
 
+    def closure_layers(self, seeds: np.ndarray) -> list[np.ndarray]:
+        """The ``n_hops``-hop closure of ``seeds`` (table rows) hop by hop (:func:`khop_layers`)."""
+        return khop_layers(self.adjacency, seeds, self.n_hops)
+
     def closure_nodes(self, seeds: np.ndarray) -> np.ndarray:
         """The ``n_hops``-hop closure of ``seeds`` (table rows), the seeds first."""
-        return khop_closure(self.adjacency, seeds, self.n_hops)
+        return np.concatenate(self.closure_layers(seeds))
 
     def closure(self, seeds: np.ndarray) -> Subgraph:
         """The ``n_hops``-hop closure of ``seeds`` (table rows) as a :class:`Subgraph`."""
-        return self.induced(self.closure_nodes(seeds), n_seeds=len(seeds))
+        layers = self.closure_layers(seeds)
+        return self.induced(
+            np.concatenate(layers), n_seeds=len(seeds), n_core=self._core_size(layers)
+        )
 
-    def sampled(self, seeds: np.ndarray, num_neighbors: int, rng: np.random.Generator) -> Subgraph:
+    def _core_size(self, layers: list[np.ndarray]) -> int:
+        return sum(len(layer) for layer in layers[: self.core_hops + 1])
+
+    def sampled(
+        self,
+        seeds: np.ndarray,
+        num_neighbors: int | Sequence[int | None],
+        rng: np.random.Generator,
+    ) -> Subgraph:
         """A neighbour-sampled closure of ``seeds`` (:func:`sample_neighbors`), as a subgraph.
 
+        ``num_neighbors``: in-edges kept per node, for every hop or per hop (``None``: all).
         Its graph-attention edges are the sampled ones; its propagation adjacency is the one
         induced by its nodes (the label propagation is a cheap sparse product, so it keeps
         every edge among the nodes it has).
         """
-        nodes, edges = sample_neighbors(self.attention, seeds, self.n_hops, num_neighbors, rng)
+        layers, edges = sample_layers(self.attention, seeds, self.n_hops, num_neighbors, rng)
+        nodes = np.concatenate(layers)
         attention = self.attention
         # the row (target) of each sampled CSR position
         target = np.searchsorted(attention.indptr, edges, side="right") - 1
         local = np.full(attention.shape[0], -1, dtype=np.int64)
         local[nodes] = np.arange(len(nodes))
         edge_index = np.vstack([local[attention.indices[edges]], local[target]])
-        return self.induced(nodes, n_seeds=len(seeds), edges=(edge_index, attention.data[edges]))
+        return self.induced(
+            nodes,
+            n_seeds=len(seeds),
+            edges=(edge_index, attention.data[edges]),
+            n_core=self._core_size(layers),
+        )
 
     def n_edges(self, nodes: np.ndarray) -> int:
         """Edges of the subgraph induced by ``nodes`` (without building it)."""
@@ -248,6 +328,7 @@ class GraphSampler:
         *,
         n_seeds: int | None = None,
         edges: tuple[np.ndarray, np.ndarray] | None = None,
+        n_core: int | None = None,
     ) -> Subgraph:
         """The subgraph induced by ``nodes`` (table rows; the first ``n_seeds`` are seeds).
 
@@ -281,7 +362,12 @@ class GraphSampler:
             .coalesce()
             .to(device),
         )
-        return Subgraph(nodes=nodes, n_seeds=n if n_seeds is None else int(n_seeds), inputs=inputs)
+        return Subgraph(
+            nodes=nodes,
+            n_seeds=n if n_seeds is None else int(n_seeds),
+            inputs=inputs,
+            n_core=n_core,
+        )
 
 
 @dataclass

@@ -176,14 +176,19 @@ class TrainingPlan:
     optimiser step. Mini-batch (``batch_size`` spots): the training pool is cut once into
     spatially contiguous tiles (:func:`~asign_sc.models._sampling.spatial_batches` of
     ``tile_coords``); every epoch visits the tiles in a random order and takes one step per
-    tile on its subgraph, the tile's spots (seeds) plus their ``n_gat_layers``-hop closure in
-    the 3D graph. The network's outputs at the seeds are then exactly those of a full-graph
-    pass. The cross-layer propagation runs inside the subgraph only: labels reach a seed
-    from visible spots at most ``n_gat_layers`` hops beyond the tile (in full-graph training,
-    from anywhere within ``n_iterations`` hops), i.e. the propagation is truncated at the
-    closure's border during training; prediction propagates over the whole graph. The
-    consistency term is computed on the seeds. Validation runs on tiles of the held-out
-    spots in the same way, their losses computed over all of them at once.
+    tile on its subgraph: the tile's spots (seeds), their *core* (every spot within
+    ``TrainingConfig.propagation_hops`` hops in the 3D graph, other sections included) and
+    ``n_gat_layers`` more hops around it, so the network's outputs on the core are exactly
+    those of a full-graph pass (with ``num_neighbors``, those outer hops keep a random share
+    of each spot's in-edges; a network without graph attention has none). The cross-layer
+    propagation runs inside the subgraph: labels reach a seed from visible spots at most
+    ``propagation_hops`` hops away (in full-graph training, from anywhere within
+    ``n_iterations`` hops); prediction propagates over the whole graph. The supervised terms
+    are computed on the seeds, the consistency term on the whole core, as full-graph
+    training computes it on the whole stack: on her2st patient C, leaving out the unknown
+    sections' spots from it, or propagating one hop only, lost 0.01-0.03 per-gene PCC on
+    the unknown sections (``benchmarks/results/minibatch.md``). Validation runs on tiles of
+    the held-out spots in the same way, their losses computed over all of them at once.
 
     With ``world_size > 1`` (a ``torch.distributed`` group), every process draws the same
     masks and tile order and takes its share of the tiles (tile ``rank``, ``rank +
@@ -306,7 +311,14 @@ class TrainingPlan:
             raise ValueError(
                 "Mini-batch training needs tile_coords (positions of the known spots)."
             )
-        self.sampler = GraphSampler(self.inputs, n_hops=max(1, self.net.message_passing_rounds))
+        # the closure: the propagation's hops around a tile, then the network's message-passing
+        # rounds (so its outputs on the core, the spots within the propagation's hops, are
+        # exact); the core is what the propagation and the consistency term of a step see
+        rounds, hops = self.net.message_passing_rounds, self.config.propagation_hops
+        self.sampler = GraphSampler(self.inputs, n_hops=hops + rounds, core_hops=hops)
+        # sampled in-edges only on the message-passing hops; none without graph attention
+        fanout = self.config.num_neighbors
+        self.fanouts = None if fanout is None or rounds == 0 else [None] * hops + [fanout] * rounds
         # seeds: positions into the pool (for the targets) and their table rows
         self.train_tiles = spatial_batches(tile_coords[self.pool_pos], batch_size)
         val_tiles = (
@@ -317,11 +329,17 @@ class TrainingPlan:
             "train": [rows[self.pool_pos[t]] for t in self.train_tiles],
             "val": [rows[self.val_pos[t]] for t in val_tiles],
         }
-        fanout = self.config.num_neighbors
-        if fanout is None:
-            self.closures = {
-                group: [self.sampler.closure_nodes(seeds) for seeds in seed_rows]
+        if self.fanouts is None:
+            layers = {
+                group: [self.sampler.closure_layers(seeds) for seeds in seed_rows]
                 for group, seed_rows in self.seed_rows.items()
+            }
+            self.closures = {
+                group: [np.concatenate(tile) for tile in tiles] for group, tiles in layers.items()
+            }
+            self.core_sizes = {
+                group: [self.sampler._core_size(tile) for tile in tiles]
+                for group, tiles in layers.items()
             }
         else:
             # training tiles are sampled afresh at every step; the validation tiles once, so
@@ -330,14 +348,18 @@ class TrainingPlan:
             # the same on every process of a distributed group, whatever each one samples.
             self.sampling_rng = self.rng.spawn(1)[0]
             self.val_subgraphs = [
-                self.sampler.sampled(seeds, fanout, np.random.default_rng(i))
+                self.sampler.sampled(seeds, self.fanouts, np.random.default_rng(i))
                 for i, seeds in enumerate(self.seed_rows["val"])
             ]
             # one draw of every training tile (its nodes and edge count), for the memory
             # estimate and the log
             draws = [
                 sample_neighbors(
-                    self.sampler.attention, seeds, self.sampler.n_hops, fanout, self.sampling_rng
+                    self.sampler.attention,
+                    seeds,
+                    self.sampler.n_hops,
+                    self.fanouts,
+                    self.sampling_rng,
                 )
                 for seeds in self.seed_rows["train"]
             ]
@@ -360,18 +382,23 @@ class TrainingPlan:
             min(sizes),
             max(sizes),
             self.sampler.n_hops,
-            "" if fanout is None else f", at most {fanout} sampled in-edges per spot",
+            ""
+            if self.fanouts is None
+            else f", at most {self.config.num_neighbors} sampled in-edges per spot beyond "
+            f"{self.sampler.core_hops} hops",
             self.n_obs,
         )
 
     def _build_subgraphs(self) -> None:
         """The exact closures' subgraphs (they list their seeds first), built once."""
-        if self.config.num_neighbors is not None:
+        if self.fanouts is not None:
             return  # training steps sample afresh; the validation tiles are drawn already
         self.train_subgraphs, self.val_subgraphs = (
             [
-                self.sampler.induced(nodes, n_seeds=len(tile))
-                for nodes, tile in zip(self.closures[group], tiles, strict=True)
+                self.sampler.induced(nodes, n_seeds=len(tile), n_core=core)
+                for nodes, tile, core in zip(
+                    self.closures[group], tiles, self.core_sizes[group], strict=True
+                )
             ]
             for group, tiles in (("train", self.train_tiles), ("val", self.val_tiles))
         )
@@ -385,7 +412,7 @@ class TrainingPlan:
         held = self.n_obs  # rows of features held: the stack, plus the subgraphs' copies
         if self.batch_size is None:
             n_nodes, n_edges = self.n_obs, int(inputs.edge_index.shape[1])
-        elif self.config.num_neighbors is None:
+        elif self.fanouts is None:
             largest = max(self.closures["train"], key=len)
             n_nodes, n_edges = len(largest), self.sampler.n_edges(largest)
             held += sum(len(nodes) for group in self.closures.values() for nodes in group)
@@ -470,14 +497,15 @@ class TrainingPlan:
         visible_pool = visible[self.pool_rows]
         order = self.rng.permutation(len(self.train_tiles))
         n_steps = math.ceil(len(order) / self.world_size)
-        fanout = self.config.num_neighbors
         records = []
         for step in range(n_steps):
             tile = int(order[(step * self.world_size + self.rank) % len(order)])
             subgraph = (
                 self.train_subgraphs[tile]
-                if fanout is None
-                else self.sampler.sampled(self.seed_rows["train"][tile], fanout, self.sampling_rng)
+                if self.fanouts is None
+                else self.sampler.sampled(
+                    self.seed_rows["train"][tile], self.fanouts, self.sampling_rng
+                )
             )
             seeds_in_pool = torch.as_tensor(self.train_tiles[tile], device=self.device)
             records.append(self._batch_step(subgraph, seeds_in_pool, visible, visible_pool))
@@ -502,12 +530,15 @@ class TrainingPlan:
     ) -> dict[str, float]:
         nodes = torch.as_tensor(subgraph.nodes, device=self.device)
         n_seeds = subgraph.n_seeds
+        # the consistency term is unsupervised: like full-graph training's over every spot of
+        # the stack, it covers every spot of the core, unknown sections included
+        n_core = n_seeds if subgraph.n_core is None else subgraph.n_core
         values = self.values[nodes]
         out = self.model(*self._training_args(subgraph.inputs), values, visible[nodes])
         net_loss, parts = self.loss(
             {level: out[level][:n_seeds] for level in LEVELS},
             {level: target[seeds_in_pool] for level, target in self.targets.items()},
-            consistency_pred={level: out[level][:n_seeds] for level in LEVELS},
+            consistency_pred={level: out[level][:n_core] for level in LEVELS},
         )
         hidden = torch.nonzero(~visible_pool[seeds_in_pool]).squeeze(1)
         if len(hidden) >= 2:

@@ -53,6 +53,7 @@ def toy_plan(
     val_pos: np.ndarray,
     rng: np.random.Generator,
     batch_size: int | None = None,
+    graph_attention: bool = True,
 ):
     """A :class:`~asign_sc.models.TrainingPlan` of a small network on ``toy``, 3 epochs."""
     from asign_sc.models import ASIGNNet, GraphInputs
@@ -61,7 +62,9 @@ def toy_plan(
     known = np.flatnonzero(toy.known.numpy())
     targets = toy.values.numpy()[known]
     torch.manual_seed(0)
-    net = ASIGNNet(*toy.dims, toy.n_genes, hidden_dim=16, n_gat_layers=2)
+    net = ASIGNNet(
+        *toy.dims, toy.n_genes, hidden_dim=16, n_gat_layers=2, graph_attention=graph_attention
+    )
     inputs = GraphInputs(
         toy.spot, toy.region, toy.glob, toy.edge_index, toy.edge_weight, toy.adjacency
     )

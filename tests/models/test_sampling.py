@@ -9,7 +9,9 @@ from asign_sc.models import ASIGNNet
 from asign_sc.models._sampling import (
     GraphSampler,
     khop_closure,
+    khop_layers,
     message_passing_chunks,
+    sample_layers,
     sample_neighbors,
     spatial_batches,
 )
@@ -39,7 +41,45 @@ def test_khop_closure_follows_the_rows_of_the_graph():
     assert khop_closure(path, np.array([0]), 0).tolist() == [0]
     assert khop_closure(path, np.array([0]), 2).tolist() == [0, 1, 2]
     assert khop_closure(path, np.array([2, 0]), 1).tolist() == [2, 0, 1, 3]
-    assert khop_closure(path, np.array([4]), 10).tolist() == [4, 0, 1, 2, 3]
+    # hop by hop: the nodes within k hops come first
+    assert khop_closure(path, np.array([4]), 10).tolist() == [4, 3, 2, 1, 0]
+    layers = khop_layers(path, np.array([2]), 5)
+    assert [layer.tolist() for layer in layers] == [[2], [1, 3], [0, 4]]
+
+
+def test_sample_layers_keep_every_in_edge_of_unsampled_hops():
+    toy = Toy(n=300)
+    graph = toy.graph.tocsr()
+    degree = np.diff(graph.indptr)
+    seeds = np.array([5, 17])
+    layers, edges = sample_layers(graph, seeds, 3, [None, 2, 2], np.random.default_rng(0))
+    exact = khop_layers(graph, seeds, 1)
+    # the first hop is exact: the seeds keep all their in-edges, the same nodes are reached
+    np.testing.assert_array_equal(layers[1], exact[1])
+    targets = np.repeat(np.arange(300), degree)[edges]
+    kept = np.bincount(targets, minlength=300)
+    np.testing.assert_array_equal(kept[seeds], degree[seeds])
+    # beyond it at most 2 in-edges per spot
+    assert kept[layers[1]].max() <= 2 and len(layers) == 4
+    with pytest.raises(ValueError, match="one entry per hop"):
+        sample_layers(graph, seeds, 3, [None, 2], np.random.default_rng(0))
+    with pytest.raises(ValueError, match="positive integer or None"):
+        sample_layers(graph, seeds, 2, [None, 0], np.random.default_rng(0))
+
+
+def test_sampler_core_is_the_spots_within_core_hops():
+    toy = Toy(n=300)
+    sampler = GraphSampler(_inputs(toy), n_hops=3, core_hops=1)
+    seeds = np.array([3, 40])
+    sub = sampler.closure(seeds)
+    within_one = khop_closure(sampler.adjacency, seeds, 1)
+    assert sub.n_seeds == 2 and sub.n_core == len(within_one)
+    np.testing.assert_array_equal(sub.nodes[: sub.n_core], within_one)
+    assert len(sub.nodes) == len(khop_closure(sampler.adjacency, seeds, 3)) > sub.n_core
+    drawn = sampler.sampled(seeds, [None, 2, 2], np.random.default_rng(0))
+    np.testing.assert_array_equal(drawn.nodes[: drawn.n_core], within_one)
+    with pytest.raises(ValueError, match="core_hops"):
+        GraphSampler(_inputs(toy), n_hops=1, core_hops=2)
 
 
 def test_sample_neighbors_keeps_at_most_the_fanout_of_each_reached_spot():
@@ -73,6 +113,8 @@ def test_sample_neighbors_keeps_at_most_the_fanout_of_each_reached_spot():
     assert not np.array_equal(np.sort(draw(1)), np.sort(draw(2)))
     with pytest.raises(ValueError, match="num_neighbors"):
         sample_neighbors(graph, seeds, 2, 0, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="num_neighbors"):
+        sample_neighbors(graph, seeds, 2, True, np.random.default_rng(0))
 
 
 def test_sampled_subgraph_keeps_the_sampled_edges_and_the_induced_adjacency():

@@ -1,4 +1,4 @@
-"""The training plan's validation splits."""
+"""The training plan: validation splits, mini-batches and their subgraphs."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def test_neighbour_sampled_plan_draws_new_training_subgraphs_every_step(one_thre
 
     from .conftest import toy_plan
 
-    config = TrainingConfig(batch_size=32, num_neighbors=2)
+    config = TrainingConfig(batch_size=32, num_neighbors=2, propagation_hops=1)
     plan, toy, _, pool_pos, val_pos = _split_plan(config, batch_size=32)
     assert not hasattr(plan, "train_subgraphs")
     drawn = []
@@ -139,8 +139,14 @@ def test_neighbour_sampled_plan_draws_new_training_subgraphs_every_step(one_thre
     n_tiles = len(plan.train_tiles)
     assert n_tiles >= 2 and len(history) == 3 and len(drawn) == 3 * n_tiles
     assert np.isfinite(history[["loss", "val_loss", "val_pcc"]].to_numpy()).all()
-    for sub in drawn:  # the fan-out bounds every spot's in-edges
-        assert np.bincount(sub.inputs.edge_index[1].numpy()).max() <= 2
+    degree = np.diff(plan.sampler.attention.indptr)
+    for sub in drawn:
+        in_edges = np.bincount(sub.inputs.edge_index[1].numpy(), minlength=len(sub.nodes))
+        # the propagation's hop (propagation_hops=1) is exact: the seeds keep every in-edge
+        np.testing.assert_array_equal(in_edges[: sub.n_seeds], degree[sub.nodes[: sub.n_seeds]])
+        # the fan-out bounds the in-edges of the message-passing hops beyond it
+        assert in_edges[sub.n_seeds :].max() <= 2
+        assert sub.n_seeds < sub.n_core < len(sub.nodes)
     # a tile's draws differ from epoch to epoch; validation keeps its subgraphs
     seeds = drawn[0].nodes[: drawn[0].n_seeds]
     first = [s for s in drawn if np.array_equal(s.nodes[: s.n_seeds], seeds)]
@@ -205,3 +211,54 @@ def test_feature_noise_is_checked():
     for bad in (-0.1, float("inf"), True, "0.1"):
         with pytest.raises(ValueError, match="feature_noise must be a number >= 0"):
             TrainingConfig(feature_noise=bad)
+
+
+def test_minibatch_consistency_covers_the_core_of_each_subgraph(one_thread):
+    from asign_sc.models import TrainingConfig
+
+    plan, _, _, _, _ = _split_plan(
+        TrainingConfig(batch_size=32, num_neighbors=None, propagation_hops=1), batch_size=32
+    )
+    assert plan.sampler.n_hops == 1 + plan.net.message_passing_rounds
+    seen = []
+    loss = plan.loss
+
+    def recording(pred, target, consistency_pred):
+        seen.append((len(pred["spot"]), len(consistency_pred["spot"])))
+        return loss(pred, target, consistency_pred=consistency_pred)
+
+    plan.loss = recording
+    plan.step()
+    expected = sorted((g.n_seeds, g.n_core) for g in plan.train_subgraphs)
+    assert sorted(seen) == expected
+    # supervised on the tile's spots, consistency on them and their 1-hop neighbours
+    assert all(n_seeds < n_core for n_seeds, n_core in seen)
+
+
+def test_network_without_graph_attention_trains_on_exact_closures(one_thread):
+    from asign_sc.models import TrainingConfig
+    from asign_sc.models._sampling import khop_closure
+
+    from .conftest import Toy, toy_plan
+
+    toy = Toy(n=150)
+    known = np.flatnonzero(toy.known.numpy())
+    rng = np.random.default_rng(0)
+    val_pos, pool_pos = split_validation(len(known), 0.2, True, rng)
+    plan = toy_plan(
+        toy,
+        TrainingConfig(batch_size=32, num_neighbors=2, propagation_hops=2),
+        pool_pos=pool_pos,
+        val_pos=val_pos,
+        rng=rng,
+        batch_size=32,
+        graph_attention=False,
+    )
+    # no message passing: nothing to sample, the closure is the 2 hops of the propagation
+    assert plan.fanouts is None and plan.sampler.n_hops == 2
+    for sub in plan.train_subgraphs:
+        assert sub.n_core == len(sub.nodes)
+        closure = khop_closure(plan.sampler.adjacency, sub.nodes[: sub.n_seeds], 2)
+        np.testing.assert_array_equal(np.sort(sub.nodes), np.sort(closure))
+    history = plan.run(show_progress_bar=False)
+    assert np.isfinite(history[["loss", "val_loss"]].to_numpy()).all()
