@@ -55,14 +55,11 @@ VAL_SMOOTHING = 0.8
 FULL_GRAPH_MAX_SPOTS = 5_000
 """Largest stack ``batch_size="auto"`` trains full-graph. Measured with
 ``benchmarks/minibatch.py`` (results in ``benchmarks/results/minibatch.md``: synthetic
-10-section stacks, one known section, 64-d features with 9 tokens per level,
-``hidden_dim=128``, 1 thread, load average about 13 on 2 cores, so absolute times are
-inflated several-fold): a full-graph epoch took 5.1 s at 2,000 spots, 14.9 s at 5,000 and
-48.5 s at 10,000 (it grows with the whole stack), a mini-batch epoch 3.4, 11.4 and 31.0 s
-(it grows with the known spots' 3-hop neighbourhood, which in that graph spans most
-sections). Full-graph training is the paper's protocol, so it is kept while an epoch stays
-around a second on an idle machine; her2st patient C (910 spots) trains full-graph,
-unchanged."""
+10-section stacks, one known section, 64-d features with 9 tokens per level, the paper's
+network with ``hidden_dim=128``, 2 threads, idle machine): a full-graph epoch took 0.55 s
+at 2,000 spots, 1.29 s at 5,000 and 3.67 s at 10,000 (it grows with the whole stack).
+Full-graph training is the paper's protocol, so it is kept while an epoch stays around a
+second; her2st patient C (910 spots) trains full-graph."""
 AUTO_BATCH_SIZE = 2048
 """Known spots per mini-batch of ``batch_size="auto"``."""
 
