@@ -7,11 +7,14 @@ seeds are exactly those of a full-graph pass: a node's output after ``r`` rounds
 on nodes within ``r`` hops, and every node within ``k - r`` hops of a seed keeps all its
 in-edges in the closure.
 
-The closure can instead be *sampled* (:func:`sample_neighbors`), as GraphSAGE and
-torch_geometric's ``NeighborLoader`` do: every node reached keeps at most ``num_neighbors``
-of its in-edges, drawn at random, so a subgraph's size is bounded by the fan-out instead of
-the graph's degree and reach, and the seeds' outputs are a stochastic estimate of the
-full-graph ones. ``NeighborLoader`` needs pyg-lib or torch-sparse for its sampler (neither
+Training takes the closure of ``propagation_hops + r`` hops: its *core* (the nodes within
+``propagation_hops`` hops, :attr:`Subgraph.n_core`) gets exact network outputs, for the
+label propagation and the consistency term. The closure can instead be *sampled*
+(:func:`sample_neighbors`), as GraphSAGE and torch_geometric's ``NeighborLoader`` do: every
+node reached keeps at most ``num_neighbors`` of its in-edges (per hop; ``None`` keeps them
+all, as training does on the core), drawn at random, so a subgraph's size is bounded by the
+fan-out instead of the graph's degree and reach, and the outputs are a stochastic estimate
+of the full-graph ones. ``NeighborLoader`` needs pyg-lib or torch-sparse for its sampler (neither
 is installable here with the CPU torch), and its subgraphs would still have to be mapped to
 our tiles, masks and propagation adjacency; the closure and the sampler here are
 vectorised numpy on the CSR matrix of the graph (scipy), dependency-free.
@@ -284,10 +287,11 @@ class GraphSampler:
         """The ``n_hops``-hop closure of ``seeds`` (table rows) as a :class:`Subgraph`."""
         layers = self.closure_layers(seeds)
         return self.induced(
-            np.concatenate(layers), n_seeds=len(seeds), n_core=self._core_size(layers)
+            np.concatenate(layers), n_seeds=len(seeds), n_core=self.core_size(layers)
         )
 
-    def _core_size(self, layers: list[np.ndarray]) -> int:
+    def core_size(self, layers: list[np.ndarray]) -> int:
+        """Nodes within ``core_hops`` of the seeds, given a closure's ``[seeds, hop 1, ...]``."""
         return sum(len(layer) for layer in layers[: self.core_hops + 1])
 
     def sampled(
@@ -315,7 +319,7 @@ class GraphSampler:
             nodes,
             n_seeds=len(seeds),
             edges=(edge_index, attention.data[edges]),
-            n_core=self._core_size(layers),
+            n_core=self.core_size(layers),
         )
 
     def n_edges(self, nodes: np.ndarray) -> int:

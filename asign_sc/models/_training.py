@@ -184,8 +184,9 @@ class TrainingPlan:
     are computed on the seeds, the consistency term on the whole core, as full-graph
     training computes it on the whole stack: on her2st patient C, leaving out the unknown
     sections' spots from it, or propagating one hop only, lost 0.01-0.03 per-gene PCC on
-    the unknown sections (``benchmarks/results/minibatch.md``). Validation runs on tiles of
-    the held-out spots in the same way, their losses computed over all of them at once.
+    the unknown sections (probes in :doc:`/concepts`, "Large stacks"). Validation runs on
+    tiles of the held-out spots in the same way, their losses computed over all of them at
+    once.
 
     With ``world_size > 1`` (a ``torch.distributed`` group), every process draws the same
     masks and tile order and takes its share of the tiles (tile ``rank``, ``rank +
@@ -335,7 +336,7 @@ class TrainingPlan:
                 group: [np.concatenate(tile) for tile in tiles] for group, tiles in layers.items()
             }
             self.core_sizes = {
-                group: [self.sampler._core_size(tile) for tile in tiles]
+                group: [self.sampler.core_size(tile) for tile in tiles]
                 for group, tiles in layers.items()
             }
         else:
