@@ -108,25 +108,15 @@ def khop_layers(graph: sp.csr_matrix, seeds: np.ndarray, n_hops: int) -> list[np
     """The seeds, then the nodes first reached at each of ``n_hops`` steps along ``graph``'s rows.
 
     Row ``i`` of ``graph`` lists the neighbours whose messages spot ``i`` receives, so the
-    union is the set of nodes a ``n_hops``-round message passing at the seeds reads.
+    union is the set of nodes a ``n_hops``-round message passing at the seeds reads. The
+    exact case of :func:`sample_layers` (every in-edge kept).
 
     Returns
     -------
     ``[seeds, hop 1, ..., hop k]`` (``k <= n_hops``: it stops when nothing new is reached),
     each hop's nodes in ascending order.
     """
-    seeds = np.asarray(seeds, dtype=np.int64)
-    inside = np.zeros(graph.shape[0], dtype=bool)
-    inside[seeds] = True
-    layers, frontier = [seeds], seeds
-    for _ in range(n_hops):
-        reached = np.unique(graph[frontier].indices)
-        frontier = reached[~inside[reached]]
-        if not len(frontier):
-            break
-        inside[frontier] = True
-        layers.append(frontier)
-    return layers
+    return sample_layers(graph, seeds, n_hops, [None] * n_hops)[0]
 
 
 def khop_closure(graph: sp.csr_matrix, seeds: np.ndarray, n_hops: int) -> np.ndarray:
@@ -186,9 +176,12 @@ def sample_layers(
     seeds: np.ndarray,
     n_hops: int,
     num_neighbors: int | Sequence[int | None],
-    rng: np.random.Generator,
+    rng: np.random.Generator | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
-    """:func:`sample_neighbors` with the nodes as ``[seeds, hop 1, ...]`` (reached order)."""
+    """:func:`sample_neighbors` with the nodes as ``[seeds, hop 1, ...]`` (reached order).
+
+    ``rng`` may be ``None`` when no hop samples (every entry of ``num_neighbors`` ``None``).
+    """
     fanouts = [num_neighbors] * n_hops if not isinstance(num_neighbors, Sequence) else num_neighbors
     if len(fanouts) != n_hops:
         raise ValueError(f"num_neighbors needs one entry per hop ({n_hops}), got {fanouts}.")
@@ -213,6 +206,8 @@ def sample_layers(
         offsets = np.arange(len(row)) - np.repeat(np.cumsum(degrees) - degrees, degrees)
         positions = np.repeat(starts, degrees) + offsets
         if fanout is not None:
+            if rng is None:
+                raise ValueError("Sampling in-edges needs a random generator (rng).")
             order = np.lexsort((rng.random(len(row)), row))
             rank = np.empty(len(row), dtype=np.int64)
             rank[order] = offsets
@@ -237,9 +232,9 @@ class Subgraph:
     """Number of seed nodes (whose network outputs are exact)."""
     inputs: GraphInputs
     """Features, edges and adjacency of the subgraph (node ``k`` = table row ``nodes[k]``)."""
-    n_core: int | None = None
+    n_core: int
     """Number of nodes within the sampler's ``core_hops`` of the seeds (the first ``n_core``,
-    seeds included; ``None``: the seeds only)."""
+    seeds included)."""
 
 
 class GraphSampler:
@@ -337,7 +332,8 @@ class GraphSampler:
         """The subgraph induced by ``nodes`` (table rows; the first ``n_seeds`` are seeds).
 
         ``edges``: local ``(2, n_edges)`` (source, target) indices and weights of the graph
-        attention's edges, instead of all edges among ``nodes``.
+        attention's edges, instead of all edges among ``nodes``; ``n_core``: the first nodes
+        that make its core (default: the seeds).
         """
         nodes = np.asarray(nodes, dtype=np.int64)
         device = self.inputs.spot.device
@@ -366,11 +362,12 @@ class GraphSampler:
             .coalesce()
             .to(device),
         )
+        n_seeds = n if n_seeds is None else int(n_seeds)
         return Subgraph(
             nodes=nodes,
-            n_seeds=n if n_seeds is None else int(n_seeds),
+            n_seeds=n_seeds,
             inputs=inputs,
-            n_core=n_core,
+            n_core=n_seeds if n_core is None else int(n_core),
         )
 
 

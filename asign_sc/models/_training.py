@@ -528,15 +528,14 @@ class TrainingPlan:
     ) -> dict[str, float]:
         nodes = torch.as_tensor(subgraph.nodes, device=self.device)
         n_seeds = subgraph.n_seeds
-        # the consistency term is unsupervised: like full-graph training's over every spot of
-        # the stack, it covers every spot of the core, unknown sections included
-        n_core = n_seeds if subgraph.n_core is None else subgraph.n_core
         values = self.values[nodes]
         out = self.model(*self._training_args(subgraph.inputs), values, visible[nodes])
         net_loss, parts = self.loss(
             {level: out[level][:n_seeds] for level in LEVELS},
             {level: target[seeds_in_pool] for level, target in self.targets.items()},
-            consistency_pred={level: out[level][:n_core] for level in LEVELS},
+            # unsupervised: like full-graph training's over every spot of the stack, it covers
+            # every spot of the core, unknown sections included
+            consistency_pred={level: out[level][: subgraph.n_core] for level in LEVELS},
         )
         hidden = torch.nonzero(~visible_pool[seeds_in_pool]).squeeze(1)
         if len(hidden) >= 2:
