@@ -212,7 +212,31 @@ def _model_steps(steps: _Steps, data, options: dict, *, spatial_key: str, spot_r
         device=options["device"],
         show_progress_bar=False,
     )
+    if model is not None:
+        _add_epoch_row(steps, model.history)
     steps.run("impute", asg.tl.impute, data, model, device=options["device"])
+
+
+def _add_epoch_row(steps: _Steps, history) -> None:
+    """Epochs run on the fit row; a row for one epoch (median wall time) after it.
+
+    Early stopping ends a fit after a number of epochs that depends on the data, so the
+    fit's total time mixes the cost of an epoch with how long training takes to converge;
+    the epoch row's growth exponent is the cost alone.
+    """
+    fit = steps.rows[-1]
+    fit["epochs"] = len(history)
+    steps.rows.append(
+        {
+            "part": steps.part,
+            "size": steps.size,
+            "step": "fit, one epoch (median)",
+            "error": "",
+            "seconds": float(history["seconds"].median()),
+            "peak_rss_gb": None,
+            "rise_gb": None,
+        }
+    )
 
 
 def plain_stack(n_obs: int, n_sections: int, n_genes: int, feature_dim: int, seed: int = 0):
@@ -339,9 +363,14 @@ def _table(rows: list[dict], exponents: dict) -> list[str]:
         if row.get("error"):
             lines.append(f"| {row['n_obs']:,} | {row['step']} | failed: {row['error']} | | | |")
             continue
+        step = f"{row['step']} ({row['epochs']} epochs)" if row.get("epochs") else row["step"]
+        memory = (
+            "| |"
+            if row["peak_rss_gb"] is None
+            else f"{row['peak_rss_gb']:.2f} | {row['rise_gb']:.2f} |"
+        )
         lines.append(
-            f"| {row['n_obs']:,} | {row['step']} | {row['seconds']:.1f} | "
-            f"{row['peak_rss_gb']:.2f} | {row['rise_gb']:.2f} | "
+            f"| {row['n_obs']:,} | {step} | {row['seconds']:.1f} | {memory} "
             f"{'' if exponent is None else f'{exponent:.2f}'} |"
         )
     return lines
@@ -364,7 +393,10 @@ def report(rows: list[dict], options: dict, load: tuple[float, float], argv: lis
         "Seconds are wall time; peak RSS is the largest resident memory of the process "
         "during the step (sampled every 5 ms), rise is that peak minus the memory at the "
         "step's start. The growth exponent of a step is log(t2/t1)/log(n2/n1) from the "
-        "previous size (n = spots in the stack).",
+        "previous size (n = spots in the stack). Early stopping ends a fit after a number "
+        "of epochs that depends on the data (in brackets); 'fit, one epoch' is the median "
+        "wall time of its epochs (a training pass and validation), the cost without that "
+        "number.",
     ]
     intros = {
         "end to end": (

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -587,9 +588,12 @@ class TrainingPlan:
         show = show_progress_bar and self.rank == 0
         bar = tqdm(range(self.epochs), desc=desc, disable=not show, leave=False)
         for epoch in bar:
+            start = time.perf_counter()
             record = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], **self.step()}
             if len(self.val_pos):
                 record.update(self.validate())
+            record["seconds"] = time.perf_counter() - start
+            if len(self.val_pos):
                 # a few dozen held-out spots give a noisy loss: stop on its moving average
                 smoothed = records[-1]["val_loss_smoothed"] if records else record["val_loss"]
                 record["val_loss_smoothed"] = (

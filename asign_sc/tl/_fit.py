@@ -128,8 +128,9 @@ def fit_asign(
 
     Returns
     -------
-    The fitted model; ``model.history`` is a DataFrame of the per-epoch losses (column
-    ``member`` says which network of the ensemble).
+    The fitted model; ``model.history`` is a DataFrame of the per-epoch losses and wall
+    seconds (columns ``seconds``, validation included, and ``member``, which network of the
+    ensemble).
     """
     t0 = time.perf_counter()
     architecture, training = architecture or ArchitectureConfig(), training or TrainingConfig()
