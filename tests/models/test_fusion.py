@@ -53,9 +53,13 @@ def test_fusion_without_cross_attention_mean_pools_tokens(toy):
     assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in fusion.modules())
     out = fusion(toy.spot, toy.region, toy.glob)
     assert out["fused"].shape == (toy.n, 48) and fusion.out_dim == 48
-    # f'_s is a linear map of the mean projected token: attention with uniform weights
+    # f'_s is a linear map of the projected mean token (close to uniform attention weights)
     torch.testing.assert_close(out["fused"][:, 16:32], fusion.pool_region(out["region"]))
     torch.testing.assert_close(out["fused"][:, 32:], fusion.pool_global(out["global"]))
+    torch.testing.assert_close(out["region"], fusion.proj_region(toy.region.mean(1)))
+    # so the tokens enter through their mean only: other tokens with the same mean agree
+    shifted = toy.region + torch.tensor([1.0, -1.0, 2.0, -2.0])[None, :, None]
+    torch.testing.assert_close(fusion(toy.spot, shifted, toy.glob)["fused"], out["fused"])
     # one token per window is fine without attention
     assert fusion(toy.spot, toy.region[:, :1], toy.glob[:, :1])["fused"].shape == (toy.n, 48)
     with pytest.raises(ValueError, match="cross_attention=False"):
