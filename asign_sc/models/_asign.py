@@ -82,6 +82,8 @@ class ASIGNNet(nn.Module):
     hidden_dim, n_gat_layers, n_heads, dropout, cross_attention, graph_attention, gat_variant
         See :class:`~asign_sc.models.MSAGNet` (the switches remove a block for ablations;
         both default to the full network).
+    token_pooling
+        See :class:`~asign_sc.models.MultiLevelFusion` (without cross-attention only).
     n_iterations, learn_node_weights
         See :class:`~asign_sc.models.CrossLayerImputation`.
     n_components
@@ -102,6 +104,7 @@ class ASIGNNet(nn.Module):
         n_heads: int = 4,
         dropout: float = 0.1,
         cross_attention: bool = True,
+        token_pooling: str = "mean_then_project",
         graph_attention: bool = True,
         gat_variant: str = "gat",
         n_iterations: int = 10,
@@ -118,6 +121,7 @@ class ASIGNNet(nn.Module):
             "n_genes": n_genes,
             "gat_variant": gat_variant,
             "cross_attention": bool(cross_attention),
+            "token_pooling": token_pooling,
             "graph_attention": bool(graph_attention),
         }
         # rounds of message passing in the network (0 without graph attention)
@@ -140,6 +144,7 @@ class ASIGNNet(nn.Module):
             n_heads=n_heads,
             dropout=dropout,
             cross_attention=cross_attention,
+            token_pooling=token_pooling,
             graph_attention=graph_attention,
             gat_variant=gat_variant,
         )

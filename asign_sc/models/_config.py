@@ -18,6 +18,7 @@ __all__ = ["ArchitectureConfig", "TrainingConfig"]
 Optimizer = Literal["adamw", "sgd"]
 Validation = Literal["random", "blocked"]
 GATVariant = Literal["gat", "gatv2"]
+TokenPooling = Literal["mean_then_project", "project_then_mean"]
 Standardize = Literal["section"] | None
 BatchSize = int | Literal["auto"] | None
 
@@ -77,6 +78,12 @@ class ArchitectureConfig(_Config):
         Fuse spot, region and global features by cross-attention (eq. 2-3). ``False`` (the
         default) is the paper's "w.o Cross-atten" ablation: region/global enter as a linear
         map of their mean token.
+    token_pooling
+        Without cross-attention, how a level's tokens become one vector:
+        ``"mean_then_project"`` (default) projects their mean, ``"project_then_mean"``
+        averages their projections (one projection per token, 9x the cost for a 3 x 3 grid,
+        and no better on her2st patient C; models saved before this setting existed were
+        built so and load with it).
     graph_attention
         Spread features over the 3D graph by graph-attention rounds (eq. 4). ``False`` (the
         default) is the paper's "w.o GAT" ablation: spot-wise layers of the same depth and
@@ -114,6 +121,7 @@ class ArchitectureConfig(_Config):
     n_heads: int = 4
     dropout: float = 0.1
     cross_attention: bool = False
+    token_pooling: TokenPooling = "mean_then_project"
     graph_attention: bool = False
     gat_variant: GATVariant = "gat"
     n_iterations: int = 10
@@ -160,6 +168,11 @@ class ArchitectureConfig(_Config):
             hint=f" It is the number of {what}; to train without graph attention pass "
             "graph_attention=False.",
         )
+        if self.token_pooling not in ("mean_then_project", "project_then_mean"):
+            raise ValueError(
+                "token_pooling must be 'mean_then_project' or 'project_then_mean', got "
+                f"{self.token_pooling!r}."
+            )
         if self.gat_variant not in ("gat", "gatv2"):
             raise ValueError(f"gat_variant must be 'gat' or 'gatv2', got {self.gat_variant!r}.")
         if not 0 <= self.dropout < 1:

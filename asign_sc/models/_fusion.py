@@ -42,6 +42,10 @@ class MultiLevelFusion(nn.Module):
         Dropout on the projections and the attention weights.
     cross_attention
         Fuse by cross-attention (default); ``False``: by mean-pooled tokens (see above).
+    token_pooling
+        Without cross-attention: ``"mean_then_project"`` (see above) or
+        ``"project_then_mean"``, the mean of the projected tokens (models saved before the
+        former existed).
     """
 
     def __init__(
@@ -54,8 +58,15 @@ class MultiLevelFusion(nn.Module):
         n_heads: int = 4,
         dropout: float = 0.1,
         cross_attention: bool = True,
+        token_pooling: str = "mean_then_project",
     ) -> None:
         super().__init__()
+        if token_pooling not in ("mean_then_project", "project_then_mean"):
+            raise ValueError(
+                "token_pooling must be 'mean_then_project' or 'project_then_mean', got "
+                f"{token_pooling!r}."
+            )
+        self.token_pooling = token_pooling
         if hidden_dim % n_heads:
             raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by n_heads ({n_heads}).")
         self.hidden_dim = hidden_dim
@@ -127,18 +138,17 @@ class MultiLevelFusion(nn.Module):
                     "window."
                 )
         f_s = self.proj_spot(spot)
+        if not self.cross_attention and self.token_pooling == "mean_then_project":
+            region = self.proj_region(region_tokens.mean(1))
+            global_ = self.proj_global(global_tokens.mean(1))
+        else:
+            t_r, t_g = self.proj_region(region_tokens), self.proj_global(global_tokens)
+            region, global_ = t_r.mean(1), t_g.mean(1)
+        out = {"spot": f_s, "region": region, "global": global_}
         if not self.cross_attention:
-            out = {
-                "spot": f_s,
-                "region": self.proj_region(region_tokens.mean(1)),
-                "global": self.proj_global(global_tokens.mean(1)),
-            }
-            f_r, f_g = self.pool_region(out["region"]), self.pool_global(out["global"])
+            f_r, f_g = self.pool_region(region), self.pool_global(global_)
             out["fused"] = torch.cat([f_s, f_r, f_g], dim=-1)
             return out
-        t_r = self.proj_region(region_tokens)
-        t_g = self.proj_global(global_tokens)
-        out = {"spot": f_s, "region": t_r.mean(1), "global": t_g.mean(1)}
         query = f_s.unsqueeze(1)
         f_r, w_r = self.attn_region(
             query, t_r, t_r, need_weights=return_attention, average_attn_weights=False

@@ -150,14 +150,16 @@ def network_bytes(
     training: bool,
     gat_variant: str = "gat",
     cross_attention: bool = True,
+    token_pooling: str = "mean_then_project",
     graph_attention: bool = True,
 ) -> MemoryEstimate:
     """Activations of one pass of :class:`~asign_sc.models.ASIGNNet` over a (sub)graph.
 
     ``dims`` are the (reduced) feature sizes the network reads; ``gat_variant`` the
     graph-attention layer (``"gat"`` or ``"gatv2"``); ``cross_attention`` and
-    ``graph_attention`` the network's blocks (without them: mean-pooled tokens and
-    spot-wise layers, which read no edges). With ``training=True`` the saved activations of
+    ``graph_attention`` the network's blocks (without them: mean-pooled tokens, projected
+    once per level or per token as ``token_pooling`` says, and spot-wise layers, which read
+    no edges). With ``training=True`` the saved activations of
     every stage and their gradients count (``TRAINING_FACTOR`` times the forward sum), and
     the propagation keeps every iteration for the backward pass; without, only the largest
     stage plus the tensors kept between stages, and one iteration's temporaries.
@@ -165,8 +167,14 @@ def network_bytes(
     n, e, h, g = float(n_nodes), float(n_edges + n_nodes), float(hidden_dim), float(n_genes)
     tokens = n_tokens["region"] + n_tokens["global"]
     inputs = dims["spot_dim"] + sum(n_tokens[k] * dims[f"{k}_dim"] for k in ("region", "global"))
-    # q/k/v/attention per token, or with mean-pooled tokens three projected levels
-    fusion = h * (3 + 7 * tokens) + n_heads * tokens * 3 if cross_attention else h * 3 * 3
+    # q/k/v/attention per token, or with mean-pooled tokens three projected levels (and
+    # the projected tokens when they are averaged after the projection)
+    if cross_attention:
+        fusion = h * (3 + 7 * tokens) + n_heads * tokens * 3
+    elif token_pooling == "mean_then_project":
+        fusion = h * 3 * 3
+    else:
+        fusion = h * 3 * (3 + tokens)
     # per edge (self-loops included), GAT: x_j, the edge embedding, the message, and
     # logits, softmax, dropout per head; GATv2 adds x_i and the activated sum. Per node the
     # linear maps and the layer output. Training at h = 128, 4 heads measured 3.3 h (GAT)

@@ -169,6 +169,8 @@ class ASIGNModel:
         # ... and with both attention blocks (the defaults until they measured worse)
         arch.setdefault("cross_attention", True)
         arch.setdefault("graph_attention", True)
+        # ... and, without cross-attention, averaged their projected tokens
+        arch.setdefault("token_pooling", "project_then_mean")
         dims = {k: arch.pop(k) for k in FEATURE_DIMS}
         n_genes = arch.pop("n_genes")
         n_models = int(arch.pop("n_models", 1))
@@ -448,6 +450,7 @@ def prediction_bytes(
         "training": False,
         "gat_variant": arch.gat_variant,
         "cross_attention": arch.cross_attention,
+        "token_pooling": arch.token_pooling,
         "graph_attention": arch.graph_attention,
     }
     chunk = network_bytes(n_chunk, chunk_edges, **sizes)

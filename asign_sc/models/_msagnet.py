@@ -213,6 +213,8 @@ class MSAGNet(nn.Module):
         Dropout everywhere.
     cross_attention
         Fuse the levels by cross-attention (default) or by mean-pooled tokens.
+    token_pooling
+        How mean-pooled tokens are pooled, see :class:`~asign_sc.models.MultiLevelFusion`.
     graph_attention
         Spread features over the 3D graph by graph attention (default) or not at all.
     gat_variant
@@ -232,6 +234,7 @@ class MSAGNet(nn.Module):
         n_heads: int = 4,
         dropout: float = 0.1,
         cross_attention: bool = True,
+        token_pooling: str = "mean_then_project",
         graph_attention: bool = True,
         gat_variant: str = "gat",
     ) -> None:
@@ -244,6 +247,7 @@ class MSAGNet(nn.Module):
             n_heads=n_heads,
             dropout=dropout,
             cross_attention=cross_attention,
+            token_pooling=token_pooling,
         )
         self.graph_attention = bool(graph_attention)
         if self.graph_attention:

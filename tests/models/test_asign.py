@@ -219,6 +219,35 @@ def test_models_saved_before_gat_variant_existed_load_their_gatv2_layers(toy, tm
     assert ArchitectureConfig().gat_variant == "gat"
 
 
+def test_models_saved_before_token_pooling_existed_predict_as_they_did(toy, tmp_path):
+    arch = _arch(toy, cross_attention=False, graph_attention=False)
+    torch.manual_seed(0)
+    model = ASIGNModel.from_settings(
+        {"architecture": {**arch, "token_pooling": "project_then_mean"}, "genes": list("abcdefg")}
+    )
+    path = model.save(tmp_path / "m")
+    settings = json.loads((path / "settings.json").read_text())
+    assert settings["architecture"].pop("token_pooling") == "project_then_mean"
+    (path / "settings.json").write_text(json.dumps(settings))
+    loaded = ASIGNModel.load(path)
+    assert loaded.architecture.token_pooling == "project_then_mean"
+    model.net.eval()
+    a = model.net(*_args(toy), toy.values, toy.known)
+    b = loaded.net(*_args(toy), toy.values, toy.known)
+    torch.testing.assert_close(a["prediction"], b["prediction"])
+    # the same weights pooled the new way predict otherwise: the setting is not cosmetic
+    renewed = ASIGNModel.from_settings(
+        {"architecture": {**arch, "token_pooling": "mean_then_project"}, "genes": list("abcdefg")}
+    )
+    renewed.net.load_state_dict(model.net.state_dict())
+    renewed.net.eval()
+    c = renewed.net(*_args(toy), toy.values, toy.known)
+    assert not torch.allclose(a["prediction"], c["prediction"])
+    assert ArchitectureConfig().token_pooling == "mean_then_project"
+    with pytest.raises(ValueError, match="token_pooling must be"):
+        ArchitectureConfig(token_pooling="max")
+
+
 def test_defaults_leave_out_both_attention_blocks_and_paper_restores_them(toy):
     default = ArchitectureConfig()
     assert not default.cross_attention and not default.graph_attention

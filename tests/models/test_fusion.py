@@ -66,6 +66,24 @@ def test_fusion_without_cross_attention_mean_pools_tokens(toy):
         fusion(toy.spot, toy.region, toy.glob, return_attention=True)
 
 
+def test_fusion_can_average_projected_tokens_as_models_saved_before(toy):
+    torch.manual_seed(0)
+    fusion = MultiLevelFusion(
+        *toy.dims,
+        hidden_dim=16,
+        n_heads=2,
+        dropout=0.0,
+        cross_attention=False,
+        token_pooling="project_then_mean",
+    ).eval()
+    out = fusion(toy.spot, toy.region, toy.glob)
+    torch.testing.assert_close(out["region"], fusion.proj_region(toy.region).mean(1))
+    torch.testing.assert_close(out["global"], fusion.proj_global(toy.glob).mean(1))
+    torch.testing.assert_close(out["fused"][:, 16:32], fusion.pool_region(out["region"]))
+    with pytest.raises(ValueError, match="token_pooling"):
+        MultiLevelFusion(*toy.dims, hidden_dim=16, n_heads=2, token_pooling="max")
+
+
 @pytest.mark.parametrize("cross_attention", [True, False])
 def test_region_block_depends_on_the_spot_query_only_with_cross_attention(toy, cross_attention):
     torch.manual_seed(0)

@@ -140,6 +140,11 @@ def test_estimates_follow_the_networks_blocks_and_prediction_keeps_one_step():
     assert few.parts["graph_attention"] == many.parts["graph_attention"]
     full = network_bytes(10_000, 100_000, training=True, **SIZES)
     assert few.parts["fusion"] < 0.5 * full.parts["fusion"]
+    # averaging projected tokens keeps one projection per token (models saved before)
+    per_token = network_bytes(
+        10_000, 10_000, training=True, token_pooling="project_then_mean", **plain
+    )
+    assert per_token.parts["fusion"] > 1.5 * few.parts["fusion"]
     # training keeps every propagation step for the backward pass, prediction one at a time
     longer = {**SIZES, "n_iterations": 20}
     grows = network_bytes(10_000, 0, training=True, **longer).parts["propagation"]
