@@ -81,7 +81,7 @@ class ArchitectureConfig(_Config):
     token_pooling
         Without cross-attention, how a level's tokens become one vector:
         ``"mean_then_project"`` (default) projects their mean, ``"project_then_mean"``
-        averages their projections (one projection per token, 9x the cost for a 3 x 3 grid,
+        averages their projections (one projection per token, 9 for a 3 x 3 grid: slower,
         and no better on her2st patient C; models saved before this setting existed were
         built so and load with it).
     graph_attention

@@ -26,9 +26,10 @@ class MultiLevelFusion(nn.Module):
     information still enters, but no longer weighted by its relevance to the spot. The
     tokens are averaged before the projection, so each level costs one projection per spot
     instead of one per token (9 for a 3 x 3 grid). Averaging the projected tokens instead
-    cost about a quarter of a training step on 200,000 spots and scored no better on her2st
-    patient C (per-gene PCC 0.270 / 0.263 against 0.271 / 0.264 with C2 / C4 known, seeds
-    0-2).
+    scored no better on her2st patient C (per-gene PCC 0.270 / 0.263 against 0.271 / 0.264
+    with C2 / C4 known, seeds 0-2) and made a training epoch of the scale benchmark's plain
+    stacks longer (2.5 / 16.5 / 87 s against 1.9 / 15.2 / 83 s at 10,000 / 50,000 / 200,000
+    spots, where the propagation over the 3D graph takes most of an epoch).
 
     Parameters
     ----------
