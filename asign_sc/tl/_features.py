@@ -144,7 +144,7 @@ def extract_features(
         vectors are estimated once on a coarse pyramid level, and the image tiles are
         transformed as they are read; the images themselves are not changed. Sections
         stained or scanned differently then look alike to the encoder. On her2st patient C
-        it raised ASIGN's per-gene PCC from 0.263 to 0.272 with C4 known and from 0.270 to
+        it raised ASIGN's per-gene PCC from 0.264 to 0.275 with C4 known and from 0.271 to
         0.275 with C2 known (3 seeds each; ``benchmarks/stain.py``), for about 40% more
         feature time. It needs H&E images: one without stained tissue is refused.
         ``None`` (the default) embeds the images as they are.
