@@ -29,7 +29,7 @@ class MultiLevelFusion(nn.Module):
     scored no better on her2st patient C (per-gene PCC 0.270 / 0.263 against 0.271 / 0.264
     with C2 / C4 known, seeds 0-2) and made a training epoch of the scale benchmark's plain
     stacks longer (2.5 / 16.5 / 87 s against 1.9 / 15.2 / 83 s at 10,000 / 50,000 / 200,000
-    spots, where the propagation over the 3D graph takes most of an epoch).
+    spots; on the larger stacks the propagation and the backward pass weigh more).
 
     Parameters
     ----------
