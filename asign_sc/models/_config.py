@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from asign_sc.models._losses import LossWeights
 
@@ -19,6 +19,7 @@ Optimizer = Literal["adamw", "sgd"]
 Validation = Literal["random", "blocked"]
 GATVariant = Literal["gat", "gatv2"]
 TokenPooling = Literal["mean_then_project", "project_then_mean"]
+TOKEN_POOLINGS: tuple[str, ...] = get_args(TokenPooling)
 Standardize = Literal["section"] | None
 BatchSize = int | Literal["auto"] | None
 
@@ -41,6 +42,12 @@ def _check_bool(name: str, value: Any) -> None:
 def _check_positive_int(name: str, value: Any, *, hint: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.{hint}")
+
+
+def check_token_pooling(value: Any) -> None:
+    """Raise unless ``value`` is one of :data:`TOKEN_POOLINGS`."""
+    if value not in TOKEN_POOLINGS:
+        raise ValueError(f"token_pooling must be one of {TOKEN_POOLINGS}, got {value!r}.")
 
 
 class _Config:
@@ -168,11 +175,7 @@ class ArchitectureConfig(_Config):
             hint=f" It is the number of {what}; to train without graph attention pass "
             "graph_attention=False.",
         )
-        if self.token_pooling not in ("mean_then_project", "project_then_mean"):
-            raise ValueError(
-                "token_pooling must be 'mean_then_project' or 'project_then_mean', got "
-                f"{self.token_pooling!r}."
-            )
+        check_token_pooling(self.token_pooling)
         if self.gat_variant not in ("gat", "gatv2"):
             raise ValueError(f"gat_variant must be 'gat' or 'gatv2', got {self.gat_variant!r}.")
         if not 0 <= self.dropout < 1:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from asign_sc.models._config import check_token_pooling
+
 __all__ = ["MultiLevelFusion"]
 
 
@@ -62,11 +64,7 @@ class MultiLevelFusion(nn.Module):
         token_pooling: str = "mean_then_project",
     ) -> None:
         super().__init__()
-        if token_pooling not in ("mean_then_project", "project_then_mean"):
-            raise ValueError(
-                "token_pooling must be 'mean_then_project' or 'project_then_mean', got "
-                f"{token_pooling!r}."
-            )
+        check_token_pooling(token_pooling)
         self.token_pooling = token_pooling
         if hidden_dim % n_heads:
             raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by n_heads ({n_heads}).")

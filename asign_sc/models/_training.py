@@ -592,13 +592,12 @@ class TrainingPlan:
             record = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], **self.step()}
             if len(self.val_pos):
                 record.update(self.validate())
-            record["seconds"] = time.perf_counter() - start
-            if len(self.val_pos):
                 # a few dozen held-out spots give a noisy loss: stop on its moving average
                 smoothed = records[-1]["val_loss_smoothed"] if records else record["val_loss"]
                 record["val_loss_smoothed"] = (
                     VAL_SMOOTHING * smoothed + (1 - VAL_SMOOTHING) * record["val_loss"]
                 )
+            record["seconds"] = time.perf_counter() - start
             records.append(record)
             if not all(math.isfinite(v) for v in record.values()):
                 raise FloatingPointError(
