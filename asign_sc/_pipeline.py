@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from asign_sc._allocator import reuses_freed_memory
 from asign_sc._errors import InvalidStackError
 from asign_sc._keys import Key
 from asign_sc._outputs import atomic_folder, check_output_folder
@@ -143,6 +144,7 @@ def stack_report(stack: SectionStack, known: Sequence[str]) -> list[dict[str, An
     return rows
 
 
+@reuses_freed_memory
 def run_pipeline(
     sdata: SpatialData,
     *,

@@ -12,6 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
+from asign_sc._allocator import reuses_freed_memory
 from asign_sc._errors import InvalidStackError
 from asign_sc._keys import Key
 from asign_sc._stack import Section, SectionStack, get_table, resolve_stack
@@ -100,6 +101,7 @@ class _Edges:
         )
 
 
+@reuses_freed_memory
 def build_3d_graph(
     data: AnnData | SpatialData,
     *,

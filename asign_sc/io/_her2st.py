@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from asign_sc._allocator import reuses_freed_memory
 from asign_sc._errors import InvalidStackError
 from asign_sc._keys import Key
 from asign_sc.io._build import SectionInput, build_spatialdata
@@ -34,6 +35,7 @@ _SECTION_NAME = re.compile(r"(?P<patient>[A-Za-z]+)(?P<number>\d+)")
 _SPOT_COLUMNS = ("x", "y", "new_x", "new_y", "pixel_x", "pixel_y")
 
 
+@reuses_freed_memory
 def read_her2st(
     path: str | Path,
     patient: str,

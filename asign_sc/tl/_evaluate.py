@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from asign_sc._allocator import reuses_freed_memory
 from asign_sc._docs import doc_params
 from asign_sc._keys import Key
 from asign_sc._stack import SectionStack, resolve_stack, validate_counts
@@ -39,6 +40,7 @@ N_VARIABLE = 50
 """``pcc_gene_top50`` averages the per-gene PCC over this many most variable genes."""
 
 
+@reuses_freed_memory
 @doc_params()
 def evaluate(
     data: AnnData | SpatialData,

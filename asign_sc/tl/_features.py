@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from asign_sc._allocator import reuses_freed_memory
 from asign_sc._errors import InvalidStackError
 from asign_sc._keys import LEVELS, Key
 from asign_sc._stack import Section, SectionStack, check_image_resolution, resolve_stack
@@ -51,6 +52,7 @@ _CROP_CHUNK = 512
 _TILE_PX = 2048
 
 
+@reuses_freed_memory
 def extract_features(
     data: AnnData | SpatialData,
     *,

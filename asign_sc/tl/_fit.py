@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from asign_sc._allocator import reuses_freed_memory
 from asign_sc._docs import doc_params
 from asign_sc._keys import Key
 from asign_sc._stack import SectionStack, validate_counts
@@ -30,6 +31,7 @@ __all__ = ["fit_asign"]
 logger = logging.getLogger(__name__)
 
 
+@reuses_freed_memory
 @doc_params()
 def fit_asign(
     data: AnnData | SpatialData,

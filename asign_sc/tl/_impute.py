@@ -12,6 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from asign_sc._allocator import reuses_freed_memory
 from asign_sc._docs import doc_params
 from asign_sc._errors import InvalidStackError
 from asign_sc._keys import LEVELS, Key
@@ -52,6 +53,7 @@ class _Result:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+@reuses_freed_memory
 @doc_params()
 def impute(
     data: AnnData | SpatialData,

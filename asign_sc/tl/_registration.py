@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from asign_sc._allocator import reuses_freed_memory
 from asign_sc._errors import InvalidStackError
 from asign_sc._keys import Key
 from asign_sc._stack import SectionStack, resolve_stack
@@ -86,6 +87,7 @@ def registration_key(key_added: str = Key.sdata.aligned) -> tuple[str, str]:
     return obsm_key, uns_key
 
 
+@reuses_freed_memory
 def register_sections(
     data: AnnData | SpatialData,
     *,
