@@ -129,7 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     verbosity = run.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    verbosity.add_argument(
+        "-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars"
+    )
     return parser
 
 
@@ -194,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
             log_file=log_file,
             log_offset=log_offset,
+            show_progress_bar=not args.quiet,
         )
         logger.info("run complete: %s", args.out)
     except (InvalidStackError, FileNotFoundError, FileExistsError) as error:

@@ -162,6 +162,7 @@ def run_pipeline(
     overwrite: bool = False,
     log_file: Path | None = None,
     log_offset: int = 0,
+    show_progress_bar: bool = True,
 ) -> dict[str, Any]:
     """Run ASIGN end to end on a stack and write everything to ``out``.
 
@@ -186,7 +187,8 @@ def run_pipeline(
     file those lines go to, is copied into the result as ``asign-sc.log`` from byte
     ``log_offset`` on (this run's lines). ``encoder`` and ``stain_normalization`` are
     passed to :func:`asign_sc.tl.extract_features`, ``transform`` to
-    :func:`asign_sc.tl.register_sections`.
+    :func:`asign_sc.tl.register_sections`. ``show_progress_bar`` shows the progress bars of
+    registration, features and training (``asign-sc run --quiet`` hides them).
 
     Everything is checked before the first step. The outputs are written into a temporary
     folder beside ``out`` and moved into place when complete; with ``overwrite=True`` an
@@ -233,6 +235,7 @@ def run_pipeline(
             seed=seed,
             log_file=log_file,
             log_offset=log_offset,
+            show_progress_bar=show_progress_bar,
         )
 
 
@@ -255,6 +258,7 @@ def _run_steps(
     seed: int,
     log_file: Path | None,
     log_offset: int,
+    show_progress_bar: bool,
 ) -> dict[str, Any]:
     """The steps of :func:`run_pipeline`, writing into ``work`` (renamed to ``out`` later)."""
     from asign_sc import gr, tl
@@ -282,6 +286,7 @@ def _run_steps(
         transform=transform,
         seed=seed,
         client=client,
+        show_progress_bar=show_progress_bar,
     )
     step(
         "features",
@@ -293,6 +298,7 @@ def _run_steps(
         device=device,
         library_key=library_key,
         client=client,
+        show_progress_bar=show_progress_bar,
     )
     step("graph", gr.build_3d_graph, sdata, library_key=library_key)
     model = step(
@@ -305,6 +311,7 @@ def _run_steps(
         device=device,
         seed=seed,
         devices=devices,
+        show_progress_bar=show_progress_bar,
     )
     step("impute", tl.impute, sdata, model, device=device)
     model.save(work / "model")

@@ -165,6 +165,24 @@ def test_stain_normalization_reaches_the_pipeline(monkeypatch, tmp_path, flag, p
     assert seen["stain_normalization"] == passed
 
 
+@pytest.mark.parametrize(("flags", "shown"), [([], True), (["-q"], False)])
+def test_quiet_hides_the_progress_bars(monkeypatch, tmp_path, flags, shown):
+    import asign_sc._pipeline
+
+    seen = {}
+    monkeypatch.setattr(asign_sc._pipeline, "run_pipeline", lambda sdata, **kw: seen.update(kw))
+    main(["run", "--demo", "--out", str(tmp_path / "out"), *flags])
+    assert seen["show_progress_bar"] is shown
+
+
+def test_quiet_run_prints_no_progress_bar(small_store, tmp_path, capfd):
+    out = tmp_path / "out"
+    code = main(["run", str(small_store), "--epochs", "2", "--out", str(out), "-q"])
+    err = capfd.readouterr().err
+    assert code == 0
+    assert "it/s" not in err and "win/s" not in err and "%|" not in err, err
+
+
 def test_missing_embeddings_key_exits_2_before_registration(small_store, tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_:

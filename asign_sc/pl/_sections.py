@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -484,7 +485,11 @@ def _uniform(image: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def _scatter(adata: AnnData, kind: str, name: str, *, library_key: str, ax: Axes, **kw) -> None:
-    import squidpy as sq
+    with warnings.catch_warnings():
+        # squidpy's docstrings name keys its docrep templates lack ("'n_jobs' is not a valid
+        # key!"): a SyntaxWarning about squidpy's own docs, shown once at its first import
+        warnings.filterwarnings("ignore", message=".* is not a valid key!", category=SyntaxWarning)
+        import squidpy as sq
 
     img = kw.pop("img")
     title = kw.pop("title")

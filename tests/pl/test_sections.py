@@ -183,3 +183,25 @@ def test_draws_into_given_axes(sdata):
     with pytest.raises(ValueError, match="ax has 3 axes but 6 panels"):
         asc.pl.sections(sdata, "Gene011", ax=list(axes), show=False)
     plt.close(fig)
+
+
+def test_first_squidpy_import_shows_no_docstring_warning():
+    # squidpy's docrep templates warn "'n_jobs' is not a valid key!" (a SyntaxWarning, shown
+    # by default) at its first import, which pl.sections does; in a fresh process, as a user's
+    import subprocess
+    import sys
+
+    script = (
+        "from asign_sc.pl._sections import _scatter\n"
+        "try:\n"
+        "    _scatter(None, 'gene', 'S1', library_key='section', ax=None)\n"
+        "except KeyError:  # no img: the import is what is tested\n"
+        "    pass\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "error::SyntaxWarning", "-c", script],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "is not a valid key" not in result.stderr
