@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from scipy.spatial import cKDTree
@@ -93,7 +95,17 @@ def _split_plan(config, batch_size: int | None = None):
     return plan, toy, known, pool_pos, val_pos
 
 
-def test_minibatch_plan_steps_once_per_tile_on_the_tiles_neighbourhood(one_thread):
+@pytest.fixture
+def validation_subgraphs(monkeypatch):
+    """Validation on the tiles' subgraphs, however much of the toy stack they cover."""
+    from asign_sc.models import _training
+
+    monkeypatch.setattr(_training, "WHOLE_STACK_VALIDATION_SHARE", math.inf)
+
+
+def test_minibatch_plan_steps_once_per_tile_on_the_tiles_neighbourhood(
+    one_thread, validation_subgraphs
+):
     from asign_sc.models import TrainingConfig
 
     plan, _, known, pool_pos, _ = _split_plan(
@@ -116,7 +128,9 @@ def test_minibatch_plan_steps_once_per_tile_on_the_tiles_neighbourhood(one_threa
     assert np.isfinite(history[["loss", "val_loss", "val_pcc"]].to_numpy()).all()
 
 
-def test_neighbour_sampled_plan_draws_new_training_subgraphs_every_step(one_thread):
+def test_neighbour_sampled_plan_draws_new_training_subgraphs_every_step(
+    one_thread, validation_subgraphs
+):
     import torch
 
     from asign_sc.models import TrainingConfig
@@ -167,6 +181,36 @@ def test_neighbour_sampled_plan_draws_new_training_subgraphs_every_step(one_thre
         toy, config, pool_pos=pool_pos, val_pos=val_pos, rng=np.random.default_rng(5), batch_size=32
     )
     assert exact.rng.bit_generator.state == again.rng.bit_generator.state
+
+
+@pytest.mark.parametrize("num_neighbors", [None, 2])
+def test_spread_validation_spots_are_scored_in_one_whole_stack_pass(
+    one_thread, monkeypatch, num_neighbors
+):
+    from asign_sc.models import TrainingConfig, _training
+
+    config = TrainingConfig(batch_size=32, num_neighbors=num_neighbors)
+    plan, *_ = _split_plan(config, batch_size=32)
+    # random validation spots: their tiles' closures hold more than half the stack
+    assert plan.validate_whole_stack
+    assert plan.val_subgraphs == [] and plan.closures["val"] == []
+    whole = plan.validate()
+    monkeypatch.setattr(_training, "WHOLE_STACK_VALIDATION_SHARE", math.inf)
+    tiled_plan, *_ = _split_plan(config, batch_size=32)
+    assert not tiled_plan.validate_whole_stack and tiled_plan.val_subgraphs
+    tiled = tiled_plan.validate()
+    if num_neighbors is None:  # exact closures: the same numbers as the whole-stack pass
+        for key, value in whole.items():
+            assert value == pytest.approx(tiled[key], rel=1e-5, abs=1e-6), key
+    else:  # the whole-stack pass is exact, the sampled subgraphs are not
+        assert np.isfinite(list(whole.values())).all()
+    # its memory (a chunk of the network, whole-stack streams) is part of the estimate
+    pass_bytes = _training.whole_stack_pass_bytes(
+        plan.net, plan.inputs, _training.VALIDATION_CHUNK_SIZE
+    )
+    assert plan.memory_estimate().total >= pass_bytes.total
+    history = plan.run(show_progress_bar=False)
+    assert np.isfinite(history[["val_loss", "val_pcc"]].to_numpy()).all()
 
 
 def test_feature_noise_perturbs_training_inputs_only(one_thread):
