@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import platform
 import sys
 import threading
@@ -29,8 +28,6 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 __all__ = ["reuse_freed_memory", "reuses_freed_memory"]
-
-logger = logging.getLogger(__name__)
 
 # mallopt parameters and glibc's defaults (malloc.h, malloc/malloc.c)
 _M_TRIM_THRESHOLD = -1

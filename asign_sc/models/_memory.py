@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -21,6 +22,7 @@ __all__ = [
     "MemoryEstimate",
     "available_memory",
     "check_memory",
+    "chunked_pass_bytes",
     "features_bytes",
     "network_bytes",
 ]
@@ -199,6 +201,25 @@ def network_bytes(
     kept = {"heads": parts["heads"], "propagation": parts["propagation"]}
     kept[largest] = parts[largest]
     return MemoryEstimate(kept)
+
+
+def chunked_pass_bytes(
+    n_obs: int, n_edges: int, chunk_size: int | None, *, n_members: int = 1, **sizes: Any
+) -> MemoryEstimate:
+    """Memory of an exact evaluation pass over a stack, ``chunk_size`` spots at a time.
+
+    A chunk's network, the whole-stack streams and outputs of each of ``n_members``
+    networks, and the propagation over the whole graph. ``sizes``: the keyword arguments of
+    :func:`network_bytes` other than ``training``.
+    """
+    n_chunk = n_obs if chunk_size is None else min(chunk_size, n_obs)
+    # in-edges of a chunk scale with its share of the spots
+    chunk_edges = int(n_edges * n_chunk / max(n_obs, 1))
+    chunk = network_bytes(n_chunk, chunk_edges, training=False, **sizes)
+    # per member: (n, hidden) streams and rounds, (n, genes) outputs
+    whole = n_obs * n_members * (8 * sizes["hidden_dim"] + 8 * sizes["n_genes"])
+    propagation = network_bytes(n_obs, n_edges, training=False, **sizes).parts["propagation"]
+    return chunk + MemoryEstimate({"heads": whole * FLOAT, "propagation": propagation})
 
 
 def available_memory(device: torch.device | str = "cpu") -> int:

@@ -26,8 +26,8 @@ from asign_sc.models._memory import (
     FLOAT,
     MemoryEstimate,
     check_memory,
+    chunked_pass_bytes,
     memory_budget,
-    network_bytes,
 )
 
 __all__ = ["ASIGNModel"]
@@ -428,9 +428,6 @@ def prediction_bytes(
 ) -> MemoryEstimate:
     """Memory of :meth:`ASIGNModel.predict`: reduced features, a chunk, whole-stack outputs."""
     n_obs, n_edges = inputs.spot.shape[0], int(inputs.edge_index.shape[1])
-    n_chunk = n_obs if chunk_size is None else min(chunk_size, n_obs)
-    # in-edges of a chunk scale with its share of the spots
-    chunk_edges = int(n_edges * n_chunk / max(n_obs, 1))
     arch = model.architecture
     n_components = arch.n_components
     dims = {k: min(n_components, v) if n_components else v for k, v in inputs.dims.items()}
@@ -447,23 +444,14 @@ def prediction_bytes(
         "n_heads": arch.n_heads,
         "n_gat_layers": arch.n_gat_layers,
         "n_iterations": arch.n_iterations,
-        "training": False,
         "gat_variant": arch.gat_variant,
         "cross_attention": arch.cross_attention,
         "token_pooling": arch.token_pooling,
         "graph_attention": arch.graph_attention,
     }
-    chunk = network_bytes(n_chunk, chunk_edges, **sizes)
-    # per member: (n, hidden) streams and rounds, (n, genes) outputs; the propagation is whole
-    whole = n_obs * model.n_models * (8 * arch.hidden_dim + 8 * len(model.genes))
-    propagation = network_bytes(n_obs, n_edges, **sizes).parts["propagation"]
-    return chunk + MemoryEstimate(
-        {
-            "features": reduced * FLOAT,
-            "heads": whole * FLOAT,
-            "propagation": propagation,
-        }
-    )
+    return chunked_pass_bytes(
+        n_obs, n_edges, chunk_size, n_members=model.n_models, **sizes
+    ) + MemoryEstimate({"features": reduced * FLOAT})
 
 
 def _torch_load(path: Path, what: str) -> Any:

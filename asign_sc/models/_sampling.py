@@ -303,6 +303,10 @@ class GraphSampler:
         every edge among the nodes it has).
         """
         layers, edges = sample_layers(self.attention, seeds, self.n_hops, num_neighbors, rng)
+        return self.from_draw(seeds, layers, edges)
+
+    def from_draw(self, seeds: np.ndarray, layers: list[np.ndarray], edges: np.ndarray) -> Subgraph:
+        """The subgraph of a draw of :func:`sample_layers` (its layers and CSR positions)."""
         nodes = np.concatenate(layers)
         attention = self.attention
         # the row (target) of each sampled CSR position

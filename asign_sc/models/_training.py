@@ -34,10 +34,17 @@ from asign_sc.models._memory import (
     FLOAT,
     MemoryEstimate,
     check_memory,
+    chunked_pass_bytes,
     memory_budget,
     network_bytes,
 )
-from asign_sc.models._sampling import GraphSampler, Subgraph, sample_neighbors, spatial_batches
+from asign_sc.models._sampling import (
+    GraphSampler,
+    Subgraph,
+    sample_layers,
+    sample_neighbors,
+    spatial_batches,
+)
 
 __all__ = [
     "AUTO_BATCH_SIZE",
@@ -274,6 +281,8 @@ class TrainingPlan:
         # validation input: a fixed share of the pool visible, as dense as in training
         n_visible = max(1, round((1 - config.mask_fraction) * len(self.pool_pos)))
         self.val_visible = self._mask(rng.choice(self.pool_pos, n_visible, replace=False))
+        # validation rows in the order validate() scores them (the tiles' order with subgraphs)
+        self.val_rows = self.rows[torch.as_tensor(val_pos, dtype=torch.long, device=device)]
         self.validate_whole_stack = False
         if batch_size is not None:
             self._prepare_batches(rows, tile_coords, batch_size)
@@ -357,8 +366,14 @@ class TrainingPlan:
             # leaves self.rng's state as it is): the masks are those of exact training, and
             # the same on every process of a distributed group, whatever each one samples.
             self.sampling_rng = self.rng.spawn(1)[0]
-            self.val_subgraphs = [
-                self.sampler.sampled(seeds, self.fanouts, np.random.default_rng(i))
+            val_draws = [
+                sample_layers(
+                    self.sampler.attention,
+                    seeds,
+                    self.sampler.n_hops,
+                    self.fanouts,
+                    np.random.default_rng(i),
+                )
                 for i, seeds in enumerate(self.seed_rows["val"])
             ]
             # one draw of every training tile (its nodes and edge count), for the memory
@@ -376,7 +391,7 @@ class TrainingPlan:
             self.sampled_sizes = [(len(nodes), len(edges)) for nodes, edges in draws]
             self.closures = {
                 "train": [nodes for nodes, _ in draws],
-                "val": [sub.nodes for sub in self.val_subgraphs],
+                "val": [np.concatenate(layers) for layers, _ in val_draws],
             }
         n_val_nodes = sum(len(nodes) for nodes in self.closures["val"])
         self.validate_whole_stack = n_val_nodes >= WHOLE_STACK_VALIDATION_SHARE * self.n_obs
@@ -388,16 +403,20 @@ class TrainingPlan:
                 n_val_nodes,
             )
             self.val_tiles, self.closures["val"], self.val_subgraphs = [], [], []
-            self.seed_rows["val"] = [rows[self.val_pos]]
+            self.seed_rows["val"] = []
             if self.fanouts is None:
                 self.core_sizes["val"] = []
-        # validation order: the tiles' seeds concatenated
-        self.val_rows = torch.as_tensor(
-            np.concatenate(self.seed_rows["val"])
-            if self.seed_rows["val"]
-            else np.zeros(0, dtype=np.int64),
-            device=self.device,
-        )
+        else:
+            if self.fanouts is not None:  # drawn once, built only now that they are used
+                self.val_subgraphs = [
+                    self.sampler.from_draw(seeds, layers, edges)
+                    for seeds, (layers, edges) in zip(self.seed_rows["val"], val_draws, strict=True)
+                ]
+            # validation order: the tiles' seeds concatenated
+            if val_tiles:
+                self.val_rows = torch.as_tensor(
+                    np.concatenate(self.seed_rows["val"]), device=self.device
+                )
         sizes = [len(nodes) for nodes in self.closures["train"]]
         logger.info(
             "Mini-batch training: %d tiles of <= %d training spots, subgraphs of %d-%d spots "
@@ -446,7 +465,7 @@ class TrainingPlan:
             n_nodes, n_edges = (round(1.1 * size) for size in max(self.sampled_sizes))
             held += n_nodes + sum(len(nodes) for nodes in self.closures["val"])
         step = training_step_bytes(self.net, inputs, n_nodes, n_edges)
-        if self.batch_size is not None and self.validate_whole_stack:
+        if self.validate_whole_stack:
             # the step's tensors are freed before validation: the larger of the two counts
             validation = whole_stack_pass_bytes(self.net, inputs, VALIDATION_CHUNK_SIZE)
             step = max(step, validation, key=lambda estimate: estimate.total)
@@ -585,7 +604,7 @@ class TrainingPlan:
             out = self.net(
                 *self.inputs.args(), self.values, self.val_visible, chunk_size=chunk_size
             )
-            rows = self.rows[torch.as_tensor(self.val_pos, device=self.device)]
+            rows = self.val_rows
             prediction, network = out["prediction"][rows], out["spot"][rows]
         else:
             predictions, networks = [], []
@@ -671,40 +690,22 @@ def training_step_bytes(
     net: ASIGNNet, inputs: GraphInputs, n_nodes: int, n_edges: int
 ) -> MemoryEstimate:
     """Memory of one training step of ``net`` on ``n_nodes`` spots and ``n_edges`` edges."""
-    return network_bytes(
-        n_nodes,
-        n_edges,
-        dims=inputs.dims,
-        n_tokens={
-            "region": int(inputs.region_tokens.shape[1]),
-            "global": int(inputs.global_tokens.shape[1]),
-        },
-        training=True,
-        **net.sizes,
-    )
+    return network_bytes(n_nodes, n_edges, training=True, **_sizes(net, inputs))
+
+
+def _sizes(net: ASIGNNet, inputs: GraphInputs) -> dict:
+    """The sizes :func:`~asign_sc.models._memory.network_bytes` reads, of ``net`` on ``inputs``."""
+    n_tokens = {
+        k: int(t.shape[1])
+        for k, t in (("region", inputs.region_tokens), ("global", inputs.global_tokens))
+    }
+    return {"dims": inputs.dims, "n_tokens": n_tokens, **net.sizes}
 
 
 def whole_stack_pass_bytes(net: ASIGNNet, inputs: GraphInputs, chunk_size: int) -> MemoryEstimate:
-    """Memory of an exact evaluation pass of ``net`` over the stack in chunks of spots.
-
-    As :func:`asign_sc.models.prediction_bytes` for one member: a chunk's network, the
-    whole-stack streams and outputs, the propagation over the whole graph.
-    """
+    """Memory of an exact evaluation pass of ``net`` over the stack in chunks of spots."""
     n_obs, n_edges = inputs.spot.shape[0], int(inputs.edge_index.shape[1])
-    n_chunk = min(chunk_size, n_obs)
-    sizes = {
-        "dims": inputs.dims,
-        "n_tokens": {
-            "region": int(inputs.region_tokens.shape[1]),
-            "global": int(inputs.global_tokens.shape[1]),
-        },
-        "training": False,
-        **net.sizes,
-    }
-    chunk = network_bytes(n_chunk, int(n_edges * n_chunk / max(n_obs, 1)), **sizes)
-    whole = n_obs * (8 * net.sizes["hidden_dim"] + 8 * net.sizes["n_genes"]) * FLOAT
-    propagation = network_bytes(n_obs, n_edges, **sizes).parts["propagation"]
-    return chunk + MemoryEstimate({"heads": float(whole), "propagation": propagation})
+    return chunked_pass_bytes(n_obs, n_edges, chunk_size, **_sizes(net, inputs))
 
 
 @dataclass
