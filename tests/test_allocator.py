@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import asign_sc as asc
 from asign_sc import _allocator
@@ -21,9 +20,14 @@ glibc_only = pytest.mark.skipif(
 BLOCK = 64 * 2**20  # above glibc's largest mmap threshold (32 MiB)
 
 
-FAULTS_SCRIPT = """
+FRESH_PROCESS_SCRIPT = """
 import json, resource, torch
 from asign_sc._allocator import reuse_freed_memory
+
+def rss():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
 
 def faults(times=8):
     # minor page faults while a 64 MiB tensor is allocated, filled and freed `times` times
@@ -38,29 +42,36 @@ with reuse_freed_memory():
     with reuse_freed_memory():
         counts["nested"] = faults()
     counts["outer"] = faults()
+start = rss()
+with reuse_freed_memory():
+    blocks = [torch.ones(2**24) for _ in range(4)]  # 4 x 64 MiB
+    del blocks
+    kept = rss()
+returned = rss()
+counts["rss"] = {"start": start, "kept": kept, "returned": returned}
 print(json.dumps(counts))
 """
 
 
-@glibc_only
-def test_freed_blocks_are_reused_inside():
-    # In a fresh process (a clean heap): without the block every allocation of the 64 MiB
-    # tensor faults in its 16,384 pages afresh; inside it (and after an inner block ends),
-    # hardly any does. A torch tensor: numpy asks for huge pages on large arrays, torch (the
-    # case at hand) does not.
+@pytest.fixture(scope="module")
+def fresh_process():
+    """What :data:`FRESH_PROCESS_SCRIPT` measured in a process of its own (a clean heap)."""
     result = subprocess.run(
-        [sys.executable, "-c", FAULTS_SCRIPT], capture_output=True, text=True, check=True
+        [sys.executable, "-c", FRESH_PROCESS_SCRIPT], capture_output=True, text=True, check=True
     )
-    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@glibc_only
+def test_freed_blocks_are_reused_inside(fresh_process):
+    # Without the block every allocation of the 64 MiB tensor faults in its 16,384 pages
+    # afresh; inside it (and after an inner block ends), hardly any does. A torch tensor:
+    # numpy asks for huge pages on large arrays, torch (the case at hand) does not.
+    counts = fresh_process
     pages = BLOCK // resource.getpagesize()
     assert counts["outside"] >= 7 * pages
     assert counts["nested"] <= 2 * pages
     assert counts["outer"] <= 2 * pages
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
 
 
 @pytest.fixture
@@ -71,13 +82,10 @@ def setting():
 
 
 @glibc_only
-def test_free_memory_goes_back_to_the_system_when_the_block_ends():
-    start = _rss_bytes()
-    with reuse_freed_memory():
-        blocks = [torch.ones(BLOCK // 4) for _ in range(4)]
-        del blocks
-        kept = _rss_bytes()
-    returned = _rss_bytes()
+def test_free_memory_goes_back_to_the_system_when_the_block_ends(fresh_process):
+    # measured in the fresh process: in a test session other tests' freed (and still
+    # resident) blocks may serve the allocations, and the RSS would not grow
+    start, kept, returned = (fresh_process["rss"][k] for k in ("start", "kept", "returned"))
     assert kept - start >= 3 * BLOCK  # freed, but kept for reuse
     assert returned - start <= BLOCK
 
