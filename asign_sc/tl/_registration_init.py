@@ -144,14 +144,20 @@ def _coarse(section: PreparedSection, max_side: int = 256) -> PreparedSection:
 
 
 def moment_init(
-    moving: PreparedSection, fixed: PreparedSection, *, allow_flip: bool = True, n_angles: int = 72
+    moving: PreparedSection,
+    fixed: PreparedSection,
+    *,
+    allow_flip: bool = True,
+    n_angles: int = 72,
+    coarse_side: int = 256,
 ) -> InitResult:
     """Align tissue-mask centroids and principal axes; pick the best orientation by Dice.
 
     Candidates are the four sign combinations of the principal axes (two rotations and two
     mirror images) and, because principal axes are ill-defined for roundish tissue, a sweep
     of ``n_angles`` rotations (and their mirror images) about the centroids. The candidate
-    with the highest tissue-mask Dice wins.
+    with the highest tissue-mask Dice wins, scored on masks at most ``coarse_side`` pixels
+    long.
     """
     mu_m, cov_m = _mask_moments(moving)
     mu_f, cov_f = _mask_moments(fixed)
@@ -167,7 +173,7 @@ def moment_init(
         candidates.append(_rotation(theta) @ _MIRROR[:2, :2])
     if not allow_flip:
         candidates = [c for c in candidates if np.linalg.det(c) > 0]
-    small_m, small_f = _coarse(moving), _coarse(fixed)
+    small_m, small_f = _coarse(moving, coarse_side), _coarse(fixed, coarse_side)
     scored = []
     for linear in candidates:
         matrix = _about_centroids(linear, mu_m, mu_f)

@@ -174,6 +174,27 @@ def test_keypoints_fall_back_to_moments_when_too_few_inliers():
     assert max(spot_errors(sdata, truth).values()) < 2.0
 
 
+def test_a_keypoint_map_that_overlays_the_tissue_skips_the_moment_sweep(monkeypatch):
+    from asign_sc.tl import _registration
+
+    calls = []
+    sweep = _registration.moment_init
+    monkeypatch.setattr(
+        _registration,
+        "moment_init",
+        lambda *args, **kwargs: calls.append(1) or sweep(*args, **kwargs),
+    )
+    sdata, truth = rigid_stack([_rigid(0.0), _rigid(70.0, -20.0, 0.0)], seed=2)
+    register_sections(sdata, max_side=320, show_progress_bar=False)
+    qc = sdata.tables["table"].uns["asign_registration"]["qc"]
+    moved = qc.index[qc["path"] != "reference"][0]
+    # Dice >= 0.9: no moment map could beat it by the 0.1 slack, so none is computed
+    assert qc.loc[moved, "path"] == "keypoints + ants"
+    assert qc.loc[moved, "dice_init"] >= 0.9
+    assert calls == []
+    assert max(spot_errors(sdata, truth).values()) < 2.0
+
+
 def test_no_flip_allowed_keeps_proper_rotations():
     sdata, truth = rigid_stack([_rigid(0.0), _rigid(-100.0, 0.0, 0.0, flip=True)], seed=1)
     register_sections(
@@ -450,6 +471,8 @@ def test_her2st_patient_c_sections_land_on_each_other(her2st_c):
     record = sdata.tables["table"].uns["asign_registration"]
     qc = record["qc"]
     assert record["reference"] == "C4"
+    # max_side="auto": ST spots 145 px across on ~9,900 px images need 274 px, raised to 500
+    assert record["params"]["max_side"] == 500
     assert list(qc.index) == ["C2", "C3", "C4", "C5", "C6"]
     moved = qc.index != "C4"
     # measured: pairs 0.18-0.81 before, 0.985-0.989 after; with C4 0.35-0.81 -> 0.977-0.989
@@ -463,6 +486,67 @@ def test_her2st_patient_c_sections_land_on_each_other(her2st_c):
     # same spot pitch in the aligned frame (rigid: distances preserved)
     aligned = sdata.tables["table"].obsm["spatial_aligned"]
     assert np.isfinite(aligned).all()
+
+
+@pytest.mark.her2st
+@pytest.mark.slow
+def test_her2st_auto_working_size_places_spots_as_the_finer_one_does(her2st_c):
+    sdata = _light_copy(her2st_c)
+    auto = register_sections(sdata, show_progress_bar=False, copy=True)
+    fine = register_sections(sdata, show_progress_bar=False, copy=True, max_side=1000)
+    shift = np.linalg.norm(
+        auto.tables["table"].obsm["spatial_aligned"] - fine.tables["table"].obsm["spatial_aligned"],
+        axis=1,
+    )
+    radius = resolve_stack(sdata)["C4"].spot_radius  # 72.7 full-resolution pixels
+    # measured: median 7.9 px, max 36 px; max_side=1000 twice (ANTs' own spread): 3.8, 16
+    assert np.median(shift) < 0.2 * radius
+    assert shift.max() < 0.75 * radius
+
+
+def _section(image_side: int, spot_radius: float, image_scale: float = 1.0):
+    from asign_sc._stack import Section
+
+    return Section(
+        name="S",
+        rows=np.arange(3),
+        spatial=np.zeros((3, 2)),
+        spot_radius=spot_radius,
+        image_key="img",
+        image_scale=image_scale,
+        image_shape=(image_side // 2, image_side),
+    )
+
+
+@pytest.mark.parametrize(
+    ("sections", "expected"),
+    [
+        # her2st ST: 145 px spots on 9,900 px images need 274 px; the floor is 500
+        ([_section(9900, 72.7)], 500),
+        # 12 px spots on a 3,072 px image: 4 px per spot diameter
+        ([_section(3072, 6.0)], 1024),
+        # the same in a downsampled image (0.25 image pixels per frame pixel)
+        ([_section(3072, 24.0, image_scale=0.25)], 1024),
+        # the most demanding section decides
+        ([_section(3072, 12.0), _section(3072, 6.0)], 1024),
+        # tiny spots: the ceiling
+        ([_section(20000, 8.0)], 2000),
+        # unknown radius (plain AnnData without spot_radius=)
+        ([_section(9900, float("nan"))], 1000),
+        # never longer than the image
+        ([_section(300, 10.0)], 300),
+    ],
+)
+def test_auto_max_side_follows_the_spot_size(sections, expected):
+    from asign_sc.tl._registration import _auto_max_side
+
+    assert _auto_max_side(sections) == expected
+
+
+def test_max_side_must_be_auto_or_pixels(two_sections):
+    sdata, _ = two_sections
+    with pytest.raises(ValueError, match="'auto' or a number of pixels"):
+        register_sections(sdata, max_side="fine", show_progress_bar=False)
 
 
 # -- stacking order ----------------------------------------------------------------------------
