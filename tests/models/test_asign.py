@@ -71,6 +71,31 @@ def test_pca_reduction_matches_svd_and_is_saved(toy, tmp_path):
     assert "reduction.spot.components" in state
 
 
+@pytest.mark.parametrize("n_rows", [40, 300])  # fewer and more rows than features
+def test_pca_reduction_components_are_the_leading_singular_vectors(n_rows):
+    g = torch.Generator().manual_seed(0)
+    scales = torch.logspace(0, -2, 96)
+    x = torch.randn(n_rows, 96, generator=g) * scales + 5.0
+    pca = PCAReduction(96, 8).fit(x)
+    centred = (x - x.mean(0)).double()
+    _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+    cosines = (pca.components.double() * vh[:8].T).sum(0).abs()
+    assert torch.all(cosines > 0.9999), cosines
+    std = singular[:8] / (n_rows - 1) ** 0.5
+    assert float(pca.scale[0]) == pytest.approx(float(std.pow(2).mean().sqrt()), rel=1e-4)
+
+
+def test_pca_reduction_of_rank_deficient_features_stays_finite():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 2, generator=g) @ torch.randn(2, 64, generator=g)  # rank 2, k = 6
+    pca = PCAReduction(64, 6).fit(x)
+    z = pca(x)
+    assert torch.isfinite(z).all()
+    # the two real directions carry the variance; the others are exactly silent
+    assert torch.all(pca.components[:, 2:] == 0)
+    assert z[:, :2].std(0).min() > 0.1
+
+
 def test_model_save_load_weights_only(toy, tmp_path):
     settings = {
         "architecture": _arch(toy, n_components=4),
