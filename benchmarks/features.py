@@ -10,6 +10,9 @@
    cropping, encoding, writing), wall and CPU seconds, peak resident memory above the level
    before the call (sampled every 5 ms); then the same call again with ``cache_dir`` (cache
    hit: images are read and cropped, features loaded).
+4. Stain normalisation: ``extract_features(stain_normalization="macenko")`` against the
+   plain call, alternated (plain, Macenko, plain, Macenko) in one run; ratio of the best
+   of each. And the transform alone on one section's pixels (megapixels/s).
 
 The machine is shared: the load average is printed next to the timings, and CPU seconds
 (process time / threads) tell what the same work costs on idle cores.
@@ -127,7 +130,9 @@ def main() -> None:
     parser.add_argument("--n-crops", type=int, default=192, help="crops per level, part 1-2")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip-end-to-end", action="store_true")
+    parser.add_argument(
+        "--parts", nargs="+", type=int, default=[1, 3, 4], help="1: encoder (and 2), 3, 4"
+    )
     args = parser.parse_args()
     if not args.data.is_dir():
         print(f"her2st data not found at {args.data}; nothing to benchmark.")
@@ -169,57 +174,83 @@ def main() -> None:
         for dtype in (torch.float32, torch.bfloat16)
     }
 
-    # 1-2. per level: ours (fp32, bf16) vs the plain loop; bf16 vs fp32 closeness.
-    print(f"\n1-2. encoder {encoder.name}, {args.n_crops} crops per level, batch {args.batch_size}")
-    print(
-        f"{'level':7s} {'crop px':>7s} {'plain img/s':>11s} {'ours fp32':>9s} {'ours bf16':>9s} "
-        f"{'ratio fp32':>10s} {'ratio bf16':>10s} {'cos pooled':>15s} {'cos tokens':>15s}"
-    )
-    for level, name in enumerate(("spot", "region", "global")):
-        crops = level_crops(sdata, level, windows, size, args.n_crops)
-        ours(ext[torch.float32], crops[: args.batch_size])  # warm-up (oneDNN primitives)
-        plain_loop(encoder.module, encoder.mean, encoder.std, crops[:4], 4, size)
-        base, t_plain, _ = timed(
-            plain_loop, encoder.module, encoder.mean, encoder.std, crops, args.batch_size, size
-        )
-        (p32, k32), t32, _ = timed(ours, ext[torch.float32], crops)
-        (p16, k16), t16, _ = timed(ours, ext[torch.bfloat16], crops)
-        n = len(crops)
-        agree = cosine(p32, base).min()  # uint8 vs float resize differ by rounding only
-        cp, ck = cosine(p32, p16), cosine(k32.astype(np.float32), k16.astype(np.float32))
+    if 1 in args.parts:
+        # 1-2. per level: ours (fp32, bf16) vs the plain loop; bf16 vs fp32 closeness.
         print(
-            f"{name:7s} {crops.shape[1]:7d} {n / t_plain:11.1f} {n / t32:9.1f} {n / t16:9.1f} "
-            f"{t_plain / t32:10.2f} {t_plain / t16:10.2f} "
-            f"{cp.mean():.4f}/{cp.min():.4f} {ck.mean():.4f}/{ck.min():.4f}"
+            f"\n1-2. encoder {encoder.name}, {args.n_crops} crops per level, "
+            f"batch {args.batch_size}"
         )
-        assert agree > 0.99, f"ours (fp32) and the plain loop disagree: min cosine {agree:.4f}"
-    print(
-        "(cos: bf16 vs fp32, mean/min over spots; tokens: over every token of every spot. "
-        "Ours fp32 vs plain loop: min cosine > 0.99 checked)"
-    )
-
-    if args.skip_end_to_end:
-        return
-    # 3. end to end, then a cache hit.
-    print(f"\n3. end to end, patient C, load average {os.getloadavg()[0]:.1f}")
-    with tempfile.TemporaryDirectory() as cache:
-        for label in ("first call", "cached call"):
-            with PeakRSS() as mem:
-                _, wall, cpu = timed(
-                    asign_sc.tl.extract_features,
-                    sdata,
-                    encoder=encoder,
-                    cache_dir=cache,
-                    n_jobs=args.threads,
-                    show_progress_bar=False,
-                )
-            record = table.uns["asign"]["features"]
-            print(
-                f"{label:12s} wall {wall:7.1f} s  CPU {cpu / args.threads:7.1f} s/thread  "
-                f"peak +{mem.delta_gb:.2f} GB  precision {record['precision']}  "
-                f"cache hits {record['cache_hits']} ({record['tiles']} tiles)  "
-                f"windows {3 * table.n_obs}"
+        print(
+            f"{'level':7s} {'crop px':>7s} {'plain img/s':>11s} {'ours fp32':>9s} "
+            f"{'ours bf16':>9s} "
+            f"{'ratio fp32':>10s} {'ratio bf16':>10s} {'cos pooled':>15s} {'cos tokens':>15s}"
+        )
+        for level, name in enumerate(("spot", "region", "global")):
+            crops = level_crops(sdata, level, windows, size, args.n_crops)
+            ours(ext[torch.float32], crops[: args.batch_size])  # warm-up (oneDNN primitives)
+            plain_loop(encoder.module, encoder.mean, encoder.std, crops[:4], 4, size)
+            base, t_plain, _ = timed(
+                plain_loop, encoder.module, encoder.mean, encoder.std, crops, args.batch_size, size
             )
+            (p32, k32), t32, _ = timed(ours, ext[torch.float32], crops)
+            (p16, k16), t16, _ = timed(ours, ext[torch.bfloat16], crops)
+            n = len(crops)
+            agree = cosine(p32, base).min()  # uint8 vs float resize differ by rounding only
+            cp, ck = cosine(p32, p16), cosine(k32.astype(np.float32), k16.astype(np.float32))
+            print(
+                f"{name:7s} {crops.shape[1]:7d} {n / t_plain:11.1f} {n / t32:9.1f} {n / t16:9.1f} "
+                f"{t_plain / t32:10.2f} {t_plain / t16:10.2f} "
+                f"{cp.mean():.4f}/{cp.min():.4f} {ck.mean():.4f}/{ck.min():.4f}"
+            )
+            assert agree > 0.99, f"ours (fp32) and the plain loop disagree: min cosine {agree:.4f}"
+        print(
+            "(cos: bf16 vs fp32, mean/min over spots; tokens: over every token of every spot. "
+            "Ours fp32 vs plain loop: min cosine > 0.99 checked)"
+        )
+
+    def features(**kwargs):
+        """``extract_features`` on patient C as a user calls it, with ``kwargs``."""
+        asign_sc.tl.extract_features(
+            sdata, encoder=encoder, n_jobs=args.threads, show_progress_bar=False, **kwargs
+        )
+
+    if 3 in args.parts:
+        # 3. end to end, then a cache hit.
+        print(f"\n3. end to end, patient C, load average {os.getloadavg()[0]:.1f}")
+        with tempfile.TemporaryDirectory() as cache:
+            for label in ("first call", "cached call"):
+                with PeakRSS() as mem:
+                    _, wall, cpu = timed(features, cache_dir=cache)
+                record = table.uns["asign"]["features"]
+                print(
+                    f"{label:12s} wall {wall:7.1f} s  CPU {cpu / args.threads:7.1f} s/thread  "
+                    f"peak +{mem.delta_gb:.2f} GB  precision {record['precision']}  "
+                    f"cache hits {record['cache_hits']} ({record['tiles']} tiles)  "
+                    f"windows {3 * table.n_obs}"
+                )
+
+    if 4 in args.parts:
+        # 4. stain normalisation: the whole step with and without it, and the transform alone.
+        print(f"\n4. stain normalisation, patient C, load average {os.getloadavg()[0]:.1f}")
+        best = {}
+        for stain in (None, "macenko", None, "macenko"):
+            _, wall, cpu = timed(features, stain_normalization=stain)
+            best[stain] = min(best.get(stain, np.inf), wall)
+            label = stain or "as scanned"
+            print(f"{label:12s} wall {wall:7.1f} s  CPU {cpu / args.threads:7.1f} s/thread")
+        print(f"macenko / as scanned (best of 2 each): {best['macenko'] / best[None]:.2f}")
+        from asign_sc._stack import resolve_stack
+        from asign_sc.tl._stain import fit_stain_transforms
+
+        stack = resolve_stack(sdata)
+        transforms = fit_stain_transforms(stack, "macenko")
+        name = stack.names[0]
+        pixels = np.asarray(stack.image(name, max_side=4096)[0])[..., :3]
+        _, wall, _ = timed(transforms[name], pixels, repeat=3)
+        print(
+            f"transform alone: {pixels.shape[1]} x {pixels.shape[0]} px section {name}, "
+            f"{pixels.size / 3 / wall / 1e6:.0f} megapixels/s (best of 3)"
+        )
     print(f"load average at end {os.getloadavg()[0]:.1f}")
 
 
