@@ -20,7 +20,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from asign_sc._errors import InvalidStackError
-from asign_sc.models._propagation import adjacency_tensor, csr_tensor, propagate_labels
+from asign_sc.models._propagation import _to_csr, adjacency_tensor, propagate_labels
 
 __all__ = [
     "BaselineResult",
@@ -280,20 +280,19 @@ def label_spreading(
     graph.eliminate_zeros()
     degree = np.asarray(graph.sum(axis=1)).ravel()
     walk = sp.diags(np.divide(1.0, degree, out=np.zeros_like(degree), where=degree > 0)) @ graph
-    # isolated spots keep their seed: their row of `walk` is empty, so give them themselves
-    isolated = degree == 0
-    walk = walk + sp.diags(isolated.astype(float))
     # torch's CSR x dense product runs on all cores, scipy's on one: on a 50,000-spot stack's
-    # graph (3.1M edges, 250 genes) 50 steps took 4.5 s instead of 21.8 s in float64 scipy,
+    # graph (3.1M edges, 250 genes) 50 steps took 5.8 s instead of 24.4 s in float64 scipy,
     # within 3e-7 of it
-    walk_tensor, seed_tensor = csr_tensor(walk.tocsr()), torch.tensor(seed)
-    clamped = torch.from_numpy(np.flatnonzero(known))
+    walk_tensor, seed_tensor = _to_csr(adjacency_tensor(walk)), torch.tensor(seed)
+    # known spots keep their measured values; isolated ones (an empty row of `walk`) their seed
+    fixed = torch.from_numpy(np.flatnonzero(known | (degree == 0)))
+    fixed_values = seed_tensor[fixed]
     current = seed_tensor.clone()
     with torch.no_grad():
         for _ in range(n_iterations):
             current = torch.sparse.mm(walk_tensor, current).mul_(alpha)
             current.add_(seed_tensor, alpha=1 - alpha)
-            current[clamped] = seed_tensor[clamped]
+            current[fixed] = fixed_values
     out = current.numpy()
     return BaselineResult(
         out, np.abs(out - seed), {"spreading_alpha": alpha, "n_iterations": n_iterations}

@@ -21,9 +21,7 @@ this is written by hand on :func:`torch.sparse.mm`.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -192,31 +190,10 @@ class _SparseProduct:
 
 
 def _to_csr(matrix: torch.Tensor) -> torch.Tensor:
-    with _csr_beta_warning_ignored():
-        return matrix.to_sparse_csr()
-
-
-def csr_tensor(matrix: sp.csr_matrix | sp.csr_array) -> torch.Tensor:
-    """A scipy CSR matrix as a ``float32`` torch CSR tensor (sharing nothing with it)."""
-    if not matrix.has_canonical_format:  # torch expects sorted indices without duplicates
-        matrix = matrix.copy()
-        matrix.sum_duplicates()
-    with _csr_beta_warning_ignored():
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(matrix.indptr.astype(np.int64)),
-            torch.from_numpy(matrix.indices.astype(np.int64)),
-            torch.from_numpy(matrix.data.astype(np.float32)),
-            size=matrix.shape,
-            check_invariants=False,  # a scipy CSR matrix is a valid one
-        )
-
-
-@contextlib.contextmanager
-def _csr_beta_warning_ignored() -> Iterator[None]:
     with warnings.catch_warnings():
         # torch flags every CSR tensor as "beta"; sparse x dense products are stable.
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support", category=UserWarning)
-        yield
+        return matrix.to_sparse_csr()
 
 
 class _SparseMatmul(torch.autograd.Function):

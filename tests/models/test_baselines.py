@@ -115,6 +115,23 @@ def test_label_spreading_equals_the_float64_iteration():
     np.testing.assert_array_equal(out[known], seed[known])
 
 
+def test_label_spreading_of_a_non_canonical_scipy_matrix():
+    """Duplicates and unsorted columns (valid scipy CSR) spread as the canonical matrix."""
+    indptr = np.array([0, 3, 4, 6])
+    indices = np.array([2, 0, 2, 1, 1, 0])  # row 0: unsorted, column 2 twice
+    data = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    matrix = sp.csr_matrix((data, indices, indptr), shape=(3, 3))
+    assert not matrix.has_canonical_format
+    canonical = matrix.copy()
+    canonical.sum_duplicates()
+    seed = np.arange(6, dtype=np.float32).reshape(3, 2)
+    known = np.array([True, False, False])
+    out = _baselines.label_spreading(matrix, seed, known, n_iterations=5).values
+    expected = _baselines.label_spreading(canonical, seed, known, n_iterations=5).values
+    np.testing.assert_allclose(out, expected)
+    assert not matrix.has_canonical_format  # the caller's matrix is left as it was
+
+
 def test_baselines_need_a_known_spot(linear):
     x, y, _ = linear
     with pytest.raises(InvalidStackError, match="No known spot"):

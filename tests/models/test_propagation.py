@@ -6,7 +6,7 @@ import scipy.sparse as sp
 import torch
 
 from asign_sc.models import CrossLayerImputation, propagate_labels
-from asign_sc.models._propagation import adjacency_tensor, csr_tensor
+from asign_sc.models._propagation import adjacency_tensor
 
 
 def _chain(weights):
@@ -142,16 +142,3 @@ def test_gradients_match_autograd_through_torch_sparse_mm_on_an_asymmetric_graph
     torch.testing.assert_close(ours, reference)
     torch.testing.assert_close(ours_grad, reference_grad)
     assert ours_grad.abs().sum() > 0
-
-
-def test_csr_tensor_of_a_non_canonical_scipy_matrix():
-    """Duplicates and unsorted columns (valid scipy CSR) give the same product in torch."""
-    indptr = np.array([0, 3, 4, 6])
-    indices = np.array([2, 0, 2, 1, 1, 0])  # row 0: unsorted, column 2 twice
-    data = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
-    matrix = sp.csr_matrix((data, indices, indptr), shape=(3, 3))
-    assert not matrix.has_canonical_format
-    x = np.arange(6, dtype=np.float32).reshape(3, 2)
-    product = torch.sparse.mm(csr_tensor(matrix), torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(product, matrix @ x)
-    assert not matrix.has_canonical_format  # the caller's matrix is left as it was
