@@ -183,16 +183,19 @@ def network_bytes(
     # and 4.3 h (GATv2) floats per edge and round; times TRAINING_FACTOR these widths stay
     # above that. Spot-wise layers: the per-node part only.
     per_edge = e * (EDGE_WIDTH[gat_variant] * h + 8 * n_heads) if graph_attention else 0.0
-    # per iteration: weighted labels, numerator, denominator, new values, clamping; kept
-    # for every iteration only when the backward pass needs them
-    steps = n_iterations if training else 1
+    # with autograd, per iteration: weighted labels, numerator, denominator, new values,
+    # clamping, all kept for the backward pass; without, a step updates one buffer and its
+    # product in place (3 label-sized arrays at its peak, with the input labels and the
+    # result 5; RSS rose by 3-5 on 50,000 spots)
     stages = {
         "fusion": n * (inputs + fusion),
         "graph_attention": n_gat_layers * (per_edge + n * 6 * h),
         # three streams of width h through attention, norms and a 2h feed-forward
         "transformer": n * 3 * h * 16,
         "heads": n * 3 * g * 3,
-        "propagation": steps * (n * g * 6 + n * 6) + n * g * 4,
+        "propagation": n_iterations * (n * g * 6 + n * 6) + n * g * 4
+        if training
+        else n * g * 5 + n * 6,
     }
     parts = {k: v * FLOAT for k, v in stages.items()}
     if training:
@@ -216,8 +219,10 @@ def chunked_pass_bytes(
     # in-edges of a chunk scale with its share of the spots
     chunk_edges = int(n_edges * n_chunk / max(n_obs, 1))
     chunk = network_bytes(n_chunk, chunk_edges, training=False, **sizes)
-    # per member: (n, hidden) streams and rounds, (n, genes) outputs
-    whole = n_obs * n_members * (8 * sizes["hidden_dim"] + 8 * sizes["n_genes"])
+    # per member: (n, hidden) streams and embedding, (n, genes) outputs of the network and
+    # the blend, each written into one whole-stack array (5 h + 6 genes wide, one more of
+    # each as margin)
+    whole = n_obs * n_members * (6 * sizes["hidden_dim"] + 7 * sizes["n_genes"])
     propagation = network_bytes(n_obs, n_edges, training=False, **sizes).parts["propagation"]
     return chunk + MemoryEstimate({"heads": whole * FLOAT, "propagation": propagation})
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch_geometric.nn import GATConv, GATv2Conv
@@ -130,12 +132,11 @@ class SpatialGraphAttention(nn.Module):
                 out[chunk.targets] = self.act(local[: len(chunk.targets)])
             rounds.append(out)
             h = out
-        return torch.cat(
-            [
-                self.out(torch.cat([r[i : i + chunk_size] for r in rounds], dim=-1))
-                for i in range(0, x.shape[0], chunk_size)
-            ]
-        )
+        return _by_row_chunks(
+            lambda rows: {"out": self.out(torch.cat([r[rows] for r in rounds], dim=-1))},
+            x.shape[0],
+            chunk_size,
+        )["out"]
 
 
 class SpotwiseLayers(nn.Module):
@@ -347,24 +348,43 @@ class MSAGNet(nn.Module):
         if self.training:
             raise RuntimeError("forward_layerwise is for evaluation; call .eval() first.")
         n = spot.shape[0]
-        parts: dict[str, list[torch.Tensor]] = {"fused": [], "region": [], "global": []}
-        for i in range(0, n, chunk_size):
-            rows = slice(i, i + chunk_size)
-            fused = self.fusion(spot[rows], region_tokens[rows], global_tokens[rows])
-            for key, values in parts.items():
-                values.append(fused[key])
-        streams_in = {key: torch.cat(values) for key, values in parts.items()}
+        streams_in = _by_row_chunks(
+            lambda rows: self.fusion(spot[rows], region_tokens[rows], global_tokens[rows]),
+            n,
+            chunk_size,
+        )
         if self.graph_attention:
             graph = self.gat.forward_layerwise(
                 streams_in.pop("fused"), edge_index, edge_weight, chunk_size=chunk_size
             )
         else:
             fused = streams_in.pop("fused")
-            graph = torch.cat(
-                [self.spotwise(fused[i : i + chunk_size]) for i in range(0, n, chunk_size)]
-            )
-        chunks = [
-            self._decode(graph[rows], streams_in["region"][rows], streams_in["global"][rows])
-            for rows in (slice(i, i + chunk_size) for i in range(0, n, chunk_size))
-        ]
-        return {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
+            graph = _by_row_chunks(
+                lambda rows: {"graph": self.spotwise(fused[rows])}, n, chunk_size
+            )["graph"]
+            del fused
+        return _by_row_chunks(
+            lambda rows: self._decode(
+                graph[rows], streams_in["region"][rows], streams_in["global"][rows]
+            ),
+            n,
+            chunk_size,
+        )
+
+
+def _by_row_chunks(
+    fn: Callable[[slice], dict[str, torch.Tensor]], n: int, chunk_size: int
+) -> dict[str, torch.Tensor]:
+    """``fn`` over row slices of ``chunk_size``, its outputs written into ``(n, ...)`` tensors.
+
+    Each output is allocated once at its full size and filled chunk by chunk: a list of
+    chunks concatenated at the end would hold every output twice at its peak.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for start in range(0, n, chunk_size):
+        rows = slice(start, min(start + chunk_size, n))
+        for key, value in fn(rows).items():
+            if key not in out:
+                out[key] = value.new_empty((n, *value.shape[1:]))
+            out[key][rows] = value
+    return out

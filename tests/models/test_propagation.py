@@ -142,3 +142,37 @@ def test_gradients_match_autograd_through_torch_sparse_mm_on_an_asymmetric_graph
     torch.testing.assert_close(ours, reference)
     torch.testing.assert_close(ours_grad, reference_grad)
     assert ours_grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("return_spread", [False, True])
+def test_propagation_without_autograd_equals_the_training_path_bit_for_bit(return_spread):
+    """Prediction's in-place steps give what training's out-of-place steps give, exactly."""
+    g = torch.Generator().manual_seed(1)
+    n, n_genes = 60, 5
+    dense = torch.rand(n, n, generator=g) * (torch.rand(n, n, generator=g) < 0.08)
+    dense.fill_diagonal_(0)
+    dense[:3] = 0  # spots without neighbours: never reached
+    dense[:, :3] = 0
+    adjacency = dense.to_sparse_coo().coalesce()
+    values = torch.randn(n, n_genes, generator=g)
+    known = torch.rand(n, generator=g) < 0.2
+    known[0], known[1:3] = True, False  # isolated spots: one known, two never reached
+    weights = 2 * torch.sigmoid(torch.randn(n, generator=g))
+
+    with torch.no_grad():
+        lean = propagate_labels(
+            adjacency, values, known, node_weights=weights, return_spread=return_spread
+        )
+    trained = propagate_labels(
+        adjacency,
+        values,
+        known,
+        node_weights=weights.clone().requires_grad_(True),
+        return_spread=return_spread,
+    )
+    assert trained.values.requires_grad and not lean.values.requires_grad
+    for field in ("values", "coverage", "known_share") + (("spread",) if return_spread else ()):
+        assert torch.equal(getattr(lean, field), getattr(trained, field).detach()), field
+    assert torch.equal(lean.values[known], values[known])
+    assert (lean.coverage[1:3] == 0).all() and (lean.values[1:3] == 0).all()
+    assert (lean.coverage[~known] > 0).sum() > n // 2  # most unknown spots were reached
