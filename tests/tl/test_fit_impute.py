@@ -340,6 +340,20 @@ def test_without_graph_attention_the_network_ignores_other_spots_images(stack):
     assert changed[0] and not changed[other].any()
 
 
+def test_imputed_layer_holds_the_values_in_their_columns_without_zeros():
+    from asign_sc.tl._impute import _dense_rows_as_csr
+
+    values = np.array([[1.0, 0.0, 2.5], [0.0, 0.0, 0.0], [3.0, -1.0, 4.0]], dtype=np.float64)
+    cols = np.array([4, 0, 2])  # not in var order
+    matrix = _dense_rows_as_csr(values, cols, n_vars=6)
+    expected = np.zeros((3, 6))
+    expected[:, cols] = values
+    assert matrix.dtype == np.float32 and matrix.shape == (3, 6)
+    np.testing.assert_array_equal(matrix.toarray(), expected)
+    assert matrix.nnz == 5 and matrix.has_canonical_format
+    assert matrix.indices.dtype == matrix.indptr.dtype == np.int32
+
+
 def test_ablation_switch_errors(stack):
     with pytest.raises(ValueError, match="graph_attention=False"):
         ArchitectureConfig(n_gat_layers=0)
@@ -363,6 +377,7 @@ def test_impute_writes_layers_obsm_var_uns(fitted, tmp_path):
     frame = adata.obsm["asign"]
     assert list(frame.columns) == genes and (frame.index == adata.obs_names).all()
     np.testing.assert_allclose(layer[:, adata.var_names.get_indexer(genes)].toarray(), frame)
+    assert layer.has_canonical_format
     known = (adata.obs.section == "S0").to_numpy()
     np.testing.assert_allclose(frame[known], truth_of(adata, genes)[known], rtol=1e-5, atol=1e-5)
     unc = adata.obsm["asign_uncertainty"]
