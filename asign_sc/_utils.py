@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,9 +15,11 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 __all__ = [
+    "by_row_chunks",
     "copy_data",
     "is_spatialdata",
     "resolve_device",
+    "row_slices",
     "sanitize_uns",
     "unsanitize_none",
     "update_params",
@@ -116,3 +118,42 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             "device='auto' or 'cpu'."
         )
     return resolved
+
+
+def row_slices(n: int, size: int) -> Iterator[slice]:
+    """Consecutive slices of at most ``size`` rows covering ``range(n)``."""
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def by_row_chunks(
+    fn: Callable[[slice], torch.Tensor | dict[str, torch.Tensor]], n: int, size: int
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """``fn`` over :func:`row_slices`, its outputs written into ``(n, ...)`` tensors.
+
+    Each output is allocated once at its full size and filled chunk by chunk: a list of
+    chunks concatenated at the end would hold every output twice at its peak.
+
+    Parameters
+    ----------
+    fn
+        Maps a slice of rows to a tensor, or a dict of tensors, with one row per row.
+    n
+        Number of rows.
+    size
+        Rows per call of ``fn``.
+
+    Returns
+    -------
+    What ``fn`` returns (a tensor or a dict of them), for all ``n`` rows.
+    """
+    out: dict[str | None, torch.Tensor] = {}
+    single = False
+    for rows in row_slices(n, size):
+        result = fn(rows)
+        single = not isinstance(result, dict)
+        for key, value in ({None: result} if single else result).items():
+            if key not in out:
+                out[key] = value.new_empty((n, *value.shape[1:]))
+            out[key][rows] = value
+    return out[None] if single else out

@@ -13,6 +13,7 @@ import torch
 
 from asign_sc._errors import InvalidStackError
 from asign_sc._keys import Key
+from asign_sc._utils import by_row_chunks
 from asign_sc.models._config import Standardize
 from asign_sc.models._propagation import adjacency_tensor
 from asign_sc.pp._expression import (
@@ -83,9 +84,7 @@ class GraphInputs:
         """
 
         def reduce(level: str, x: torch.Tensor) -> torch.Tensor:
-            return torch.cat(
-                [net.reduce(level, x[i : i + chunk_size]) for i in range(0, len(x), chunk_size)]
-            )
+            return by_row_chunks(lambda rows: net.reduce(level, x[rows]), len(x), chunk_size)
 
         return GraphInputs(
             spot=reduce("spot", self.spot),

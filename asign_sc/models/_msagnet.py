@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 from torch_geometric.nn import GATConv, GATv2Conv
 
 from asign_sc._keys import LEVELS
+from asign_sc._utils import by_row_chunks
 from asign_sc.models._fusion import MultiLevelFusion
 from asign_sc.models._sampling import message_passing_chunks
 
@@ -132,11 +131,11 @@ class SpatialGraphAttention(nn.Module):
                 out[chunk.targets] = self.act(local[: len(chunk.targets)])
             rounds.append(out)
             h = out
-        return _by_row_chunks(
-            lambda rows: {"out": self.out(torch.cat([r[rows] for r in rounds], dim=-1))},
+        return by_row_chunks(
+            lambda rows: self.out(torch.cat([r[rows] for r in rounds], dim=-1)),
             x.shape[0],
             chunk_size,
-        )["out"]
+        )
 
 
 class SpotwiseLayers(nn.Module):
@@ -348,7 +347,7 @@ class MSAGNet(nn.Module):
         if self.training:
             raise RuntimeError("forward_layerwise is for evaluation; call .eval() first.")
         n = spot.shape[0]
-        streams_in = _by_row_chunks(
+        streams_in = by_row_chunks(
             lambda rows: self.fusion(spot[rows], region_tokens[rows], global_tokens[rows]),
             n,
             chunk_size,
@@ -359,32 +358,12 @@ class MSAGNet(nn.Module):
             )
         else:
             fused = streams_in.pop("fused")
-            graph = _by_row_chunks(
-                lambda rows: {"graph": self.spotwise(fused[rows])}, n, chunk_size
-            )["graph"]
+            graph = by_row_chunks(lambda rows: self.spotwise(fused[rows]), n, chunk_size)
             del fused
-        return _by_row_chunks(
+        return by_row_chunks(
             lambda rows: self._decode(
                 graph[rows], streams_in["region"][rows], streams_in["global"][rows]
             ),
             n,
             chunk_size,
         )
-
-
-def _by_row_chunks(
-    fn: Callable[[slice], dict[str, torch.Tensor]], n: int, chunk_size: int
-) -> dict[str, torch.Tensor]:
-    """``fn`` over row slices of ``chunk_size``, its outputs written into ``(n, ...)`` tensors.
-
-    Each output is allocated once at its full size and filled chunk by chunk: a list of
-    chunks concatenated at the end would hold every output twice at its peak.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for start in range(0, n, chunk_size):
-        rows = slice(start, min(start + chunk_size, n))
-        for key, value in fn(rows).items():
-            if key not in out:
-                out[key] = value.new_empty((n, *value.shape[1:]))
-            out[key][rows] = value
-    return out

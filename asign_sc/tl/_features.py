@@ -24,7 +24,7 @@ from asign_sc._allocator import reuses_freed_memory
 from asign_sc._errors import InvalidStackError
 from asign_sc._keys import LEVELS, Key
 from asign_sc._stack import Section, SectionStack, check_image_resolution, resolve_stack
-from asign_sc._utils import copy_data, resolve_device, update_params
+from asign_sc._utils import copy_data, resolve_device, row_slices, update_params
 from asign_sc.models.encoders._registry import AUTO, Encoder, get_encoder
 from asign_sc.pp._patches import crop_windows, window_boxes
 from asign_sc.tl._stain import STAIN_METHODS, StainTransform, fit_stain_transforms
@@ -861,17 +861,12 @@ def _read_plan(
     return dict(sorted(plan.items()))
 
 
-def _chunks(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
-
-
 def _crops(
     pixels: np.ndarray, tile: _Tile, size: tuple[float, float]
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The tile's windows of one level and their inside fractions, ``_CROP_CHUNK`` at a time."""
     origin = (tile.region[2], tile.region[0])
-    for chunk in _chunks(len(tile.centers), _CROP_CHUNK):
+    for chunk in row_slices(len(tile.centers), _CROP_CHUNK):
         yield crop_windows(pixels, tile.centers[chunk], size, origin=origin)
 
 
@@ -885,7 +880,7 @@ def _encode_windows(
     vectors, grids, inside = [], [], []
     for windows, frac in _crops(pixels, tile, size):
         inside.append(frac)
-        for batch in _chunks(len(windows), extractor.batch_size):
+        for batch in row_slices(len(windows), extractor.batch_size):
             vec, tok = extractor(windows[batch])
             vectors.append(vec)
             grids.append(tok.astype(np.float16))
@@ -944,7 +939,7 @@ def _reduce(result: _Result, n_components: int) -> dict[str, dict[str, Any]]:
         pca = PCA(n_components=min(n_components, len(fit)), random_state=0)
         pca.fit(fit.astype(np.float32))
         reduced = np.empty((n_obs, n_tok, pca.n_components_), np.float16)
-        for chunk in _chunks(n_obs, 4096):
+        for chunk in row_slices(n_obs, 4096):
             part = tokens[chunk].reshape(-1, dim).astype(np.float32)
             reduced[chunk] = pca.transform(part).reshape(-1, n_tok, pca.n_components_)
         result.tokens[level] = reduced

@@ -457,19 +457,18 @@ def _impute_model(
         pred, uncertainty = _add_ridge_member(stack, model, pred, uncertainty, values, known)
     if method == "asign":
         uncertainty[known] = 0.0
-    keep = np.arange(len(model.genes))
-    if genes is not None:
+    kept_genes = list(model.genes)
+    if genes is not None:  # a subset: its columns copied; all genes are written as they are
         absent = [str(g) for g in genes if str(g) not in model.genes]
         if absent:
             raise ValueError(f"The model does not predict {absent[:5]} ({len(absent)} genes).")
-        keep = np.array([model.genes.index(str(g)) for g in genes])
+        keep = [model.genes.index(str(g)) for g in genes]
+        pred, uncertainty = pred[:, keep], uncertainty[:, keep]
+        kept_genes = [model.genes[i] for i in keep]
     unknown = ~known
-    kept_genes = [model.genes[i] for i in keep]
-    if len(keep) == pred.shape[1] and (keep == np.arange(len(keep))).all():
-        keep = slice(None)  # all genes in order: no copy
     return _Result(
-        values=pred[:, keep].astype(np.float32, copy=False),
-        uncertainty=uncertainty[:, keep].astype(np.float32, copy=False),
+        values=pred.astype(np.float32, copy=False),
+        uncertainty=uncertainty.astype(np.float32, copy=False),
         genes=kept_genes,
         params={
             "target_sum": model.training.target_sum,
