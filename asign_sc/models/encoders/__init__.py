@@ -7,7 +7,7 @@ rotations and flips of H&E.
 """
 
 from asign_sc.models.encoders._augment import DihedralAverage, dihedral_average
-from asign_sc.models.encoders._efficientnet_lite import EfficientNetLite0
+from asign_sc.models.encoders._efficientnet_lite import EfficientNetLite, EfficientNetLite0
 from asign_sc.models.encoders._registry import (
     Encoder,
     get_encoder,
@@ -18,6 +18,7 @@ from asign_sc.models.encoders._resnet import ResNet50, find_resnet50_weights
 
 __all__ = [
     "DihedralAverage",
+    "EfficientNetLite",
     "EfficientNetLite0",
     "Encoder",
     "ResNet50",

