@@ -57,7 +57,7 @@ class _Result:
 @doc_params()
 def impute(
     data: AnnData | SpatialData,
-    model: ASIGNModel | None = None,
+    model: ASIGNModel | Sequence[ASIGNModel] | None = None,
     *,
     method: Method = "asign",
     known_sections: Sequence[str] | None = None,
@@ -93,6 +93,11 @@ def impute(
         propagation never reached). 0 on known spots.
     ``"network"``
         MSAGNet alone. Uncertainty as for ``"asign"``.
+
+    Several models (a list, e.g. fitted on different image features of the same stack:
+    ``fit_asign(features_key=...)``) are imputed one by one and averaged, a feature-view
+    ensemble; their uncertainty is the total standard deviation over all their members
+    (within-model variance plus the variance between the models).
     ``"propagation"``
         Cross-layer imputation alone over the 3D graph (``α = 1``, no images): eq. 5 with
         ``n_iterations`` steps (default 10). Spots it never reaches get the mean profile of
@@ -121,7 +126,10 @@ def impute(
         AnnData or SpatialData: the stack to impute (the one the model was fitted on, or a
         new one whose features came from the same encoder).
     model
-        A fitted model (:func:`asign_sc.tl.fit_asign` or :meth:`ASIGNModel.load`).
+        A fitted model (:func:`asign_sc.tl.fit_asign` or :meth:`ASIGNModel.load`), or a list
+        of models fitted on the same known sections and genes (each may read its own
+        ``features_key``), whose predictions are averaged. Defaults below come from the
+        first.
     method
         See above.
     known_sections
@@ -178,6 +186,8 @@ def impute(
             f"method={method!r} needs a fitted model: model = asign_sc.tl.fit_asign(...), or "
             f"ASIGNModel.load(path). The baselines {list(BASELINES)} need none."
         )
+    models = _as_models(model)
+    model = models[0] if models else None
     if model is not None and method in BASELINES:
         logger.info("method=%r is a baseline; the model is used only for its defaults.", method)
     data = copy_data(data) if copy else data
@@ -192,7 +202,11 @@ def impute(
     if counts_layer is None and model is not None:
         counts_layer = model.counts_layer
     if method in MODEL_METHODS:
-        result = _impute_model(stack, model, method, known_sections, genes, counts_layer, device)
+        results = [
+            _impute_model(stack, m, method, known_sections, genes, counts_layer, device)
+            for m in models
+        ]
+        result = results[0] if len(results) == 1 else _average_models(results, models)
     else:
         if genes is None:
             genes = (
@@ -241,6 +255,87 @@ def impute(
         stack.library_key,
     )
     return data if copy else None
+
+
+def _as_models(model: ASIGNModel | Sequence[ASIGNModel] | None) -> list[ASIGNModel]:
+    """``model`` as a list, checked to be averageable (same genes, sections and scale)."""
+    if model is None:
+        return []
+    if isinstance(model, ASIGNModel):
+        return [model]
+    if isinstance(model, str | bytes) or not isinstance(model, Sequence):
+        raise TypeError(
+            f"model must be a fitted ASIGNModel or a list of them, got {type(model).__name__}."
+        )
+    models = list(model)
+    if not models:
+        raise ValueError("model is an empty list; pass at least one fitted ASIGNModel.")
+    for i, m in enumerate(models):
+        if not isinstance(m, ASIGNModel):
+            raise TypeError(f"model[{i}] is a {type(m).__name__}, not a fitted ASIGNModel.")
+    first = models[0]
+    for i, m in enumerate(models[1:], start=1):
+        for what, mine, theirs in (
+            ("known_sections", m.known_sections, first.known_sections),
+            ("genes", m.genes, first.genes),
+            ("library_key", m.library_key, first.library_key),
+            ("sample_key", m.sample_key, first.sample_key),
+            ("counts_layer", m.counts_layer, first.counts_layer),
+            ("target_sum", m.training.target_sum, first.training.target_sum),
+        ):
+            if mine != theirs:
+                if what == "genes":
+                    shown = f"model[{i}] has {len(mine)} genes, {len(set(mine) - set(theirs))} "
+                    shown += "of them not modelled by model[0] (or in another order)"
+                else:
+                    shown = f"model[{i}] has {mine!r}, model[0] {theirs!r}"
+                raise ValueError(
+                    f"Models to average must share their {what}: {shown}. Fit them on the same "
+                    "stack and known sections (fit_asign(genes=model[0].genes, ...)), changing "
+                    "only features_key or the seed."
+                )
+    return models
+
+
+def _average_models(results: list[_Result], models: list[ASIGNModel]) -> _Result:
+    """Mean of several models' predictions; uncertainty the total std over their members.
+
+    Law of total variance over models with equal weight: the mean of the members' variances
+    within each model plus the variance of the models' means.
+    """
+    n = len(results)
+    values = np.zeros_like(results[0].values, dtype=np.float64)
+    squares = np.zeros_like(values)
+    within = np.zeros_like(values)
+    for result in results:
+        values += result.values
+        squares += np.square(result.values, dtype=np.float64)
+        within += np.square(result.uncertainty, dtype=np.float64)
+    values /= n
+    between = np.maximum(squares / n - np.square(values), 0.0)
+    uncertainty = np.sqrt(within / n + between)
+    per_model = [r.params for r in results]
+    params = {
+        **per_model[0],
+        "features_key": per_model[0]["features_key"],
+        "features_keys": [p["features_key"] for p in per_model],
+        "n_models": int(sum(p["n_models"] for p in per_model)),
+        "n_averaged_models": n,
+        "uncertainty": "total_std_over_models",
+        "fraction_unknown_reached": min(p["fraction_unknown_reached"] for p in per_model),
+        "mean_gate": float(np.mean([p["mean_gate"] for p in per_model])),
+        # a mapping, not a list: AnnData writes nested dicts, not lists of dicts
+        "models": {str(i): p for i, p in enumerate(per_model)},
+    }
+    logger.info(
+        "Averaged %d models (features %s, %d networks in all).",
+        n,
+        params["features_keys"],
+        params["n_models"],
+    )
+    return _Result(
+        values.astype(np.float32), uncertainty.astype(np.float32), results[0].genes, params
+    )
 
 
 def _known_sections(

@@ -12,7 +12,7 @@ from scipy.spatial import cKDTree
 
 from asign_sc import InvalidStackError
 from asign_sc.models import ArchitectureConfig, ASIGNModel, TrainingConfig
-from asign_sc.tl import fit_asign, impute
+from asign_sc.tl import evaluate, fit_asign, impute
 
 REGION_OFFSETS = np.array([(-50, -50), (50, -50), (-50, 50), (50, 50)], dtype=float)
 GLOBAL_OFFSETS = np.array([(dx, dy) for dx in (-200, 0, 200) for dy in (-200, 0, 200)], dtype=float)
@@ -263,6 +263,72 @@ def test_ensemble_members_differ_and_their_spread_is_the_uncertainty(stack):
         impute(adata, single, key_added="one", layer_added="one")
         members.append(adata.obsm["one"].to_numpy())
     np.testing.assert_allclose(adata.obsm["asign"].to_numpy(), np.mean(members, 0), atol=1e-5)
+
+
+def _second_view(adata: ad.AnnData, key: str, seed: int = 1) -> None:
+    """Another embedding of the same spots under ``key``: a random rotation plus noise."""
+    rng = np.random.default_rng(seed)
+    dim = adata.obsm["X_asign_spot"].shape[1]
+    rotation = np.linalg.qr(rng.normal(size=(dim, dim)))[0].astype(np.float32)
+    for name in ("spot", "region", "global", "region_tokens", "global_tokens"):
+        values = adata.obsm[f"X_asign_{name}"] @ rotation
+        adata.obsm[f"X_{key}_{name}"] = values + rng.normal(scale=0.3, size=values.shape)
+
+
+def test_models_on_two_feature_views_are_averaged(stack, tmp_path):
+    adata = stack.copy()
+    _second_view(adata, "view2")
+    first = fit_asign(adata, known_sections=["S0"], n_top_genes=8, device="cpu", **FAST)
+    second = fit_asign(
+        adata,
+        known_sections=["S0"],
+        genes=first.genes,
+        features_key="view2",
+        key_added="view2",
+        device="cpu",
+        **FAST,
+    )
+    assert "fit" in adata.uns["asign"] and "fit" in adata.uns["view2"]
+    alone = []
+    for name, model in (("a", first), ("b", second)):
+        impute(adata, model, key_added=name, layer_added=name)
+        alone.append(adata.obsm[name].to_numpy())
+    assert not np.allclose(alone[0], alone[1])  # the views give different predictions
+    impute(adata, [first, second])
+    np.testing.assert_allclose(adata.obsm["asign"].to_numpy(), np.mean(alone, 0), atol=1e-5)
+    params = adata.uns["asign"]["impute"]
+    assert list(params["features_keys"]) == ["asign", "view2"]
+    assert params["features_key"] == "asign"
+    assert params["n_averaged_models"] == 2 and params["n_models"] == 2 * first.n_models
+    assert params["uncertainty"] == "total_std_over_models"
+    assert params["models"]["1"]["features_key"] == "view2"
+    # total std: each model's own spread and the spread between the models
+    unc = adata.obsm["asign_uncertainty"].to_numpy()
+    spreads = [adata.obsm[f"{n}_uncertainty"].to_numpy() for n in ("a", "b")]
+    expected = np.sqrt((spreads[0] ** 2 + spreads[1] ** 2) / 2 + np.var(alone, axis=0))
+    np.testing.assert_allclose(unc, expected, rtol=1e-4, atol=1e-6)
+    known = (adata.obs.section == "S0").to_numpy()
+    assert np.all(unc[known] == 0) and np.all(unc[~known] > 0)
+    # evaluate scores the average, baselines from the first view's features
+    scores = evaluate(adata, sections=["S1", "S2"], baselines=("ridge",))
+    assert set(scores["method"]) == {"asign", "ridge"}
+    adata.write_h5ad(tmp_path / "views.h5ad")  # the record is writable
+    assert ad.read_h5ad(tmp_path / "views.h5ad").uns["asign"]["impute"]["n_averaged_models"] == 2
+
+
+def test_averaging_refuses_models_that_do_not_fit_together(stack, fitted):
+    _, model = fitted
+    adata = stack.copy()
+    other = fit_asign(adata, known_sections=["S1"], n_top_genes=20, device="cpu", **FAST)
+    with pytest.raises(ValueError, match="known_sections"):
+        impute(adata, [model, other])
+    fewer = fit_asign(adata, known_sections=["S0"], n_top_genes=10, device="cpu", **FAST)
+    with pytest.raises(ValueError, match="genes=model"):
+        impute(adata, [model, fewer])
+    with pytest.raises(ValueError, match="empty list"):
+        impute(adata, [])
+    with pytest.raises(TypeError, match=r"model\[1\]"):
+        impute(adata, [model, "model"])
 
 
 def test_fit_errors(stack):
