@@ -16,6 +16,10 @@
    others dropped from the stack; Table III), no per-section feature standardisation,
    fixed propagation node weights (``learn_node_weights=False``), blocked validation and
    test-time augmented features (``--dihedral``, on in the full mode; cached).
+   With ``--views`` (on in the full mode): ASIGN as a feature-view ensemble, one model
+   fitted on EfficientNet-Lite0 features of Macenko-normalised windows and one on
+   EfficientNet-Lite2 features of the windows as scanned (features cached), their
+   predictions averaged by ``tl.impute(data, [model_a, model_b])``.
 3. Expression only, larger scale: patients A, B, D on the authors' aligned coordinates, IoU
    graph, known = first section: mean, overlap, propagation.
 4. Cross-patient (``--cross-patient``, on in the full mode): the patient-C models applied to
@@ -68,6 +72,7 @@ ORDER = (
     "network",
     "networks_only",
     "asign",
+    "asign_views",
     "same_section",
 )
 #: Reference rows that read the scored sections' own measurements: ceilings, not competitors.
@@ -83,6 +88,7 @@ LABELS = {
     "network": "network alone",
     "networks_only": "ASIGN without linear member",
     "asign": "ASIGN",
+    "asign_views": "ASIGN, two feature views",
     "same_section": "ceiling: 6 nearest measured spots, same section",
 }
 
@@ -357,6 +363,68 @@ def dihedral_features(her2st: Path, cache: Path):
     return patient_c_features(her2st, cache, "dihedral", {"encoder": encoder})
 
 
+#: The feature views of the 'ASIGN, two feature views' rows: features key -> (cache name,
+#: extract_features arguments). The first is read by ASIGN's defaults (key "asign").
+VIEWS = {
+    "asign": ("macenko", {"stain_normalization": "macenko"}),
+    "asign_lite2": ("efficientnet_lite2", {"encoder": "efficientnet_lite2"}),
+}
+
+
+def view_features(her2st: Path, cache: Path) -> dict:
+    """Patient C's features of every view in :data:`VIEWS`, by features key; cached."""
+    return {
+        key: patient_c_features(her2st, cache, name, kwargs)
+        for key, (name, kwargs) in VIEWS.items()
+    }
+
+
+def with_views(views: dict):
+    """Edit: the stack with each view's features under its own key (same spots, same graph)."""
+
+    def edit(adata):
+        for key, features in views.items():
+            order = features.obs_names.get_indexer(adata.obs_names)
+            for name, value in features.obsm.items():
+                adata.obsm[name.replace("X_asign", f"X_{key}", 1)] = value[order]
+        return adata
+
+    return edit
+
+
+def fit_and_score_views(base, known: str, seed: int, views: dict, fit_kwargs: dict) -> list[dict]:
+    """ASIGN as a feature-view ensemble: one model per view, predictions averaged."""
+    from asign_sc import tl
+
+    adata = with_views(views)(base.copy())
+    unknown = [s for s in adata.obs["section"].cat.categories if s != known]
+    start = time.perf_counter()
+    models = []
+    for key in views:
+        models.append(
+            tl.fit_asign(
+                adata,
+                known_sections=[known],
+                genes=models[0].genes if models else None,
+                features_key=key,
+                key_added=key,
+                seed=seed,
+                device="cpu",
+                show_progress_bar=False,
+                **as_fit_arguments(fit_kwargs),
+            )
+        )
+    seconds = time.perf_counter() - start
+    tl.impute(adata, models, key_added="asign_views", layer_added="asign_views", device="cpu")
+    scores = tl.evaluate(
+        adata, sections=unknown, key="asign_views", baselines=(), key_added="eval_views"
+    )
+    labels = {"known": known, "variant": MAIN, "seed": seed}
+    rows = tidy(scores, **labels)
+    logger.info("  views known=%s seed=%d: fits %.0f s", known, seed, seconds)
+    return rows
+
+
 def patient_c_features(her2st: Path, cache: Path, name: str, feature_kwargs: dict):
     """Patient C's features from ``extract_features(**feature_kwargs)``; cached as ``name``.
 
@@ -442,11 +510,13 @@ def run_patient_c(
     fit_kwargs: dict,
     ablation_seeds: int | None = None,
     dihedral=None,
+    views: dict | None = None,
 ):
     """Main comparison on every known section, ablations on ``ablation_knowns``.
 
     ``dihedral``: features with test-time augmentation (:func:`dihedral_features`), an
-    ablation row when given.
+    ablation row when given. ``views``: the features of :data:`VIEWS`
+    (:func:`view_features`), main rows of the feature-view ensemble when given.
 
     Returns the rows and the first seed's model per known section.
     """
@@ -463,6 +533,8 @@ def run_patient_c(
             )
             rows += new
             models.setdefault(known, model)
+            if views is not None:
+                rows += fit_and_score_views(base, known, seed, views, fit_kwargs)
             if known not in ablation_knowns or (ablation_seeds is not None and i >= ablation_seeds):
                 continue
             for setting in ablations(known, seed, dihedral):
@@ -631,7 +703,9 @@ def _main_findings(dataset: str, known: str, group: pd.DataFrame) -> str | None:
             )
         return None
     a = group.loc["asign"]
-    others = group.drop(index=["asign", *[r for r in REFERENCES if r in group.index]])
+    others = group.drop(
+        index=["asign", *[r for r in (*REFERENCES, "asign_views") if r in group.index]]
+    )
     sentence = [f"{dataset}, known {known}:"]
     for metric, name, higher in (
         ("pcc_gene", "per-gene PCC", True),
@@ -656,6 +730,14 @@ def _main_findings(dataset: str, known: str, group: pd.DataFrame) -> str | None:
             f"against the best method without a network ({LABELS[best]}, "
             f"{_cell(group.loc[best], 'pcc_gene')}) ASIGN's per-gene PCC is {diff:+.3f}"
             f"{_margin(a, group.loc[best], 'pcc_gene')};"
+        )
+    if "asign_views" in group.index:
+        views = group.loc["asign_views"]
+        diff = views["pcc_gene_mean"] - a["pcc_gene_mean"]
+        sentence.append(
+            f"with two feature views ASIGN's per-gene PCC is {_cell(views, 'pcc_gene')} "
+            f"({diff:+.3f} over the default{_margin(views, a, 'pcc_gene')}), per-spot PCC "
+            f"{_cell(views, 'pcc_spot')};"
         )
     if "same_section" in group.index:
         ceiling = group.loc["same_section"]
@@ -842,6 +924,77 @@ ABLATION_NOTES = (
 
 
 # -- entry points -------------------------------------------------------------------------------
+def run_feature_variants(base, variants: dict, knowns, seeds, methods) -> pd.DataFrame:
+    """``fit_and_score`` per known section, features and seed: the rows of ``methods``.
+
+    ``variants``: setting name -> features to swap in (:func:`with_features`), or ``None``
+    for the base table's own. Ridge and ridge + label spreading once per known section and
+    setting (they do not depend on the seed).
+    """
+    rows = []
+    for known in knowns:
+        for variant, features in variants.items():
+            edit = with_features(features) if features is not None else None
+            for i, seed in enumerate(seeds):
+                new, _ = fit_and_score(
+                    base,
+                    known,
+                    seed,
+                    variant=variant,
+                    fit_kwargs={},
+                    baselines=("ridge", "ridge_propagation") if i == 0 else (),
+                    edit=edit,
+                )
+                rows += new
+    frame = pd.DataFrame(rows)
+    frame["dataset"] = "her2st C"
+    return frame[frame["method"].isin(methods)]
+
+
+def patient_c_parser(description: str, out: Path) -> argparse.ArgumentParser:
+    """Arguments shared by the patient-C variant benchmarks (stain, encoders)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--her2st", type=Path, default=HER2ST)
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--known", nargs="+", default=["C2", "C4"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the fits")
+    parser.add_argument("--out", type=Path, default=out)
+    return parser
+
+
+def start_variant_run(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
+    """Parse ``argv``, set logging and torch threads, read patient C: ``(args, base, start)``."""
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    return args, patient_c(args.her2st, args.cache), start
+
+
+def synthetic_views(table, seed: int = 0) -> dict:
+    """Two views of the synthetic stack: its features, and a noisy rotation of them."""
+    import anndata as ad
+
+    rng = np.random.default_rng(seed)
+    first = ad.AnnData(
+        obs=table.obs[[]], obsm={k: v for k, v in table.obsm.items() if k.startswith("X_asign")}
+    )
+    dim = first.obsm["X_asign_spot"].shape[1]
+    rotation = np.linalg.qr(rng.normal(size=(dim, dim)))[0].astype(np.float32)
+    second = ad.AnnData(
+        obs=first.obs,
+        obsm={
+            k: v @ rotation + rng.normal(scale=0.1, size=v.shape).astype(np.float32)
+            for k, v in first.obsm.items()
+        },
+    )
+    return dict(zip(VIEWS, (first, second), strict=True))
+
+
 def synthetic_table(seed: int = 0):
     """A tiny synthetic stack prepared like patient C (true alignment, small encoder input)."""
     from asign_sc.datasets import synthetic_stack
@@ -882,6 +1035,12 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     )
     parser.add_argument("--expression-only", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument(
+        "--views",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="main rows of ASIGN as a two-view ensemble (Lite0 + Macenko, Lite2; full mode)",
+    )
+    parser.add_argument(
         "--readme",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -906,6 +1065,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     expression = (not args.synthetic) if args.expression_only is None else args.expression_only
     readme = full if args.readme is None else args.readme
     dihedral = (full and ablations) if args.dihedral is None else args.dihedral
+    views = full if args.views is None else args.views
     if readme:
         _readme_parts(args.readme_path)  # fail now, not after the run, if the markers are off
     start = time.perf_counter()
@@ -929,6 +1089,11 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         fit_kwargs=fit_kwargs,
         ablation_seeds=args.ablation_seeds,
         dihedral=dihedral_features(args.her2st, args.cache) if dihedral else None,
+        views=(
+            (synthetic_views(base) if args.synthetic else view_features(args.her2st, args.cache))
+            if views
+            else None
+        ),
     )
     profiles = {known: _known_mean(base, known, model.genes) for known, model in models.items()}
     rows = [{"dataset": dataset, **r} for r in c_rows]

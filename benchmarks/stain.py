@@ -18,7 +18,6 @@ Writes ``benchmarks/results/stain.md`` (``--out`` to change).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import platform
@@ -41,27 +40,6 @@ logger = logging.getLogger("stain")
 def stain_features(her2st: Path, cache: Path):
     """Patient C's features with Macenko stain normalisation; cached (features only)."""
     return accuracy.patient_c_features(her2st, cache, "macenko", {"stain_normalization": "macenko"})
-
-
-def run(base, features, knowns, seeds) -> pd.DataFrame:
-    rows = []
-    for known in knowns:
-        for variant in VARIANTS:
-            edit = accuracy.with_features(features) if variant != VARIANTS[0] else None
-            for i, seed in enumerate(seeds):
-                new, _ = accuracy.fit_and_score(
-                    base,
-                    known,
-                    seed,
-                    variant=variant,
-                    fit_kwargs={},
-                    baselines=("ridge", "ridge_propagation") if i == 0 else (),
-                    edit=edit,
-                )
-                rows += new
-    frame = pd.DataFrame(rows)
-    frame["dataset"] = "her2st C"
-    return frame[frame["method"].isin(METHODS)]
 
 
 def report(summary: pd.DataFrame, args, seconds: float) -> str:
@@ -97,23 +75,12 @@ def report(summary: pd.DataFrame, args, seconds: float) -> str:
 
 
 def main(argv=None) -> pd.DataFrame:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--her2st", type=Path, default=accuracy.HER2ST)
-    parser.add_argument("--cache", type=Path, default=accuracy.DEFAULT_CACHE)
-    parser.add_argument("--known", nargs="+", default=["C2", "C4"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS / "stain.md")
-    args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    import torch
-
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    base = accuracy.patient_c(args.her2st, args.cache)
+    parser = accuracy.patient_c_parser(__doc__.splitlines()[0], RESULTS / "stain.md")
+    args, base, start = accuracy.start_variant_run(parser, argv)
     features = stain_features(args.her2st, args.cache)
-    rows = run(base, features, args.known, args.seeds)
+    rows = accuracy.run_feature_variants(
+        base, dict(zip(VARIANTS, (None, features), strict=True)), args.known, args.seeds, METHODS
+    )
     summary = accuracy.summarise(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report(summary, args, time.perf_counter() - start))

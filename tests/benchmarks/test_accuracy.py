@@ -30,7 +30,7 @@ def report(accuracy, tmp_path_factory):
         f"# Title\n\nkept\n{accuracy.README_START}\nold\n{accuracy.README_END}\nkept too\n"
     )
     try:
-        argv = ["--synthetic", "--ablations", "--readme", "--readme-path", str(readme)]
+        argv = ["--synthetic", "--ablations", "--views", "--readme", "--readme-path", str(readme)]
         summary = accuracy.main([*argv, "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
@@ -50,6 +50,7 @@ def test_reduced_mode_writes_every_method_beside_the_baselines(report):
         "network",
         "networks_only",
         "asign",
+        "asign_views",
         "same_section",
     }
     # the ceiling reads the scored sections' own counts: never the "best other" method
@@ -69,6 +70,8 @@ def test_reduced_mode_writes_every_method_beside_the_baselines(report):
     assert "Where ASIGN wins" in text and "known S1:" in text
     assert "against the best method without a network" in text
     assert "vs best other ceiling" not in text
+    assert "with two feature views ASIGN's per-gene PCC" in text
+    assert "best other ASIGN, two feature views" not in text  # compared apart, not a rival
 
 
 def test_ablations_present_and_two_d_graph_cuts_propagation_across_sections(report):

@@ -29,7 +29,8 @@ def test_both_variants_are_scored_and_compared(stain):
     shift = base.obs["section"].cat.codes.to_numpy()[:, None].astype(np.float32)
     for key in [k for k in features.obsm if k.startswith("X_asign")]:
         features.obsm[key] = features.obsm[key] + (shift if features.obsm[key].ndim == 2 else 0)
-    rows = stain.run(base, features, ["S1"], [0])
+    variants = dict(zip(stain.VARIANTS, (None, features), strict=True))
+    rows = stain.accuracy.run_feature_variants(base, variants, ["S1"], [0], stain.METHODS)
     assert set(rows["variant"]) == set(stain.VARIANTS)
     assert set(rows["method"]) == set(stain.METHODS)
     summary = stain.accuracy.summarise(rows)

@@ -1,0 +1,44 @@
+"""benchmarks/encoders.py: every encoder setting scored and reported, on a tiny synthetic stack."""
+
+from __future__ import annotations
+
+import importlib.util
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "encoders.py"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    spec = importlib.util.spec_from_file_location("encoders_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_settings_are_scored_and_reported_with_their_feature_times(encoders):
+    base = encoders.accuracy.synthetic_table()
+    # stand-in for another encoder: the same features, scaled per dimension
+    other = base.copy()
+    scale = np.linspace(0.5, 2.0, other.obsm["X_asign_spot"].shape[1], dtype=np.float32)
+    for key in [k for k in other.obsm if k.startswith("X_asign")]:
+        other.obsm[key] = other.obsm[key] * scale
+    names = [encoders.variant_name("efficientnet_lite0", "none"), "efficientnet_lite2, Macenko"]
+    assert names[1] == encoders.variant_name("efficientnet_lite2", "macenko")
+    rows = encoders.accuracy.run_feature_variants(
+        base, dict(zip(names, (None, other), strict=True)), ["S1"], [0], encoders.METHODS
+    )
+    assert set(rows["variant"]) == set(names) and set(rows["method"]) == set(encoders.METHODS)
+    summary = encoders.accuracy.summarise(rows)
+    args = Namespace(argv=["--known", "S1"], threads=1, feature_threads=2)
+    text = encoders.report(summary, dict(zip(names, (12.0, float("nan")), strict=True)), args, 60)
+    assert "`python benchmarks/encoders.py --known S1`" in text
+    assert "| efficientnet_lite0 | 12 |" in text and "| efficientnet_lite2, Macenko | - |" in text
+    asign = summary[summary["method"] == "asign"].set_index("variant")["pcc_gene_mean"]
+    assert f"efficientnet_lite0 {asign[names[0]]:.3f}" in text
