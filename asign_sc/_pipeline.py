@@ -8,6 +8,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +30,10 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 __all__ = [
+    "FeatureView",
     "check_encoder",
     "check_known",
+    "check_views",
     "check_zarr_store",
     "load_input",
     "run_pipeline",
@@ -42,6 +45,59 @@ logger = logging.getLogger(__name__)
 
 EVALUATION_BASELINES = ("mean", "propagation", "ridge", "ridge_propagation")
 """Baselines scored beside ASIGN by ``asign-sc run``: the trivial one and the strongest."""
+
+STAIN_NORMALIZATIONS = ("macenko",)
+
+
+@dataclass(frozen=True)
+class FeatureView:
+    """One more embedding of the spot windows for a feature-view ensemble.
+
+    ``asign-sc run --add-view ENCODER[:STAIN]``: the windows are embedded again with
+    ``encoder`` (and ``stain_normalization``) under :attr:`key`, a second model is fitted on
+    them and :func:`asign_sc.tl.impute` averages the models.
+
+    Attributes
+    ----------
+    encoder
+        A registered image encoder (e.g. ``"efficientnet_lite2"``) or a timm model name.
+    stain_normalization
+        ``None`` (as scanned) or ``"macenko"``.
+    """
+
+    encoder: str
+    stain_normalization: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> FeatureView:
+        """``"ENCODER"`` or ``"ENCODER:STAIN"`` (``STAIN``: ``macenko`` or ``none``)."""
+        spec = str(spec).strip()
+        head, colon, tail = spec.rpartition(":")
+        choices = ("none", *STAIN_NORMALIZATIONS)
+        if colon and tail.strip().lower() in choices:
+            encoder, stain = head.strip(), tail.strip().lower()
+        elif colon and head.strip().lower() not in ("timm", "obsm"):  # ENCODER:STAIN
+            raise ValueError(
+                f"--add-view {spec}: unknown stain normalisation {tail!r}; use "
+                f"{' or '.join(choices)}."
+            )
+        else:  # no stain, or a prefixed name such as timm:NAME
+            encoder, stain = spec, "none"
+        if not encoder or encoder.lower().split(":")[0] == "obsm":
+            raise ValueError(
+                f"--add-view {spec}: not a feature view; give an image encoder and optionally a "
+                "stain normalisation, e.g. efficientnet_lite2 or efficientnet_lite2:macenko "
+                "(precomputed embeddings, obsm:KEY, can only be the main --encoder)."
+            )
+        return cls(encoder.strip(), None if stain == "none" else stain)
+
+    @property
+    def key(self) -> str:
+        """Its ``features_key`` / ``key_added``: ``asign_<encoder>[_<stain>]``."""
+        name = "".join(c if c.isalnum() else "_" for c in self.encoder.lower())
+        return f"asign_{name}" + (
+            f"_{self.stain_normalization}" if self.stain_normalization else ""
+        )
 
 
 def load_input(
@@ -113,6 +169,40 @@ def check_encoder(data: AnnData | SpatialData, encoder: str) -> None:
         )
 
 
+def check_views(
+    views: Sequence[FeatureView | str], encoder: str, stain_normalization: str | None
+) -> list[FeatureView]:
+    """``views`` as :class:`FeatureView` objects; ``ValueError`` for a bad or repeated one."""
+    from asign_sc.models.encoders._registry import DEFAULT_ENCODER
+
+    def name(encoder: str) -> str:
+        return DEFAULT_ENCODER if encoder.lower() == "default" else encoder.lower()
+
+    parsed = [v if isinstance(v, FeatureView) else FeatureView.parse(v) for v in views]
+    seen = {(name(encoder), stain_normalization)}
+    for view in parsed:
+        if view.encoder.lower().startswith("obsm:"):
+            raise ValueError(
+                f"--add-view {view.encoder}: a view re-embeds the images; precomputed "
+                "embeddings (obsm:KEY) can only be the main features (--encoder obsm:KEY)."
+            )
+        if view.stain_normalization not in (None, *STAIN_NORMALIZATIONS):
+            raise ValueError(
+                f"Feature view {view}: stain_normalization must be None or one of "
+                f"{list(STAIN_NORMALIZATIONS)}."
+            )
+        which = (name(view.encoder), view.stain_normalization)
+        if which in seen:
+            raise ValueError(
+                f"--add-view {view.encoder}"
+                f"{':' + view.stain_normalization if view.stain_normalization else ''} repeats "
+                "a view already used (the main --encoder/--stain-normalization or another "
+                "--add-view); every view must differ."
+            )
+        seen.add(which)
+    return parsed
+
+
 def check_known(data: AnnData | SpatialData, known: Sequence[str] | None, library_key: str) -> None:
     """Raise ``ValueError`` if ``--known`` names a section the stack does not have."""
     table = get_table(data)
@@ -153,6 +243,7 @@ def run_pipeline(
     library_key: str = Key.obs.library,
     encoder: str = "default",
     stain_normalization: str | None = None,
+    extra_views: Sequence[FeatureView | str] = (),
     transform: str = "rigid",
     epochs: int = 300,
     device: str = "auto",
@@ -190,6 +281,14 @@ def run_pipeline(
     :func:`asign_sc.tl.register_sections`. ``show_progress_bar`` shows the progress bars of
     registration, features and training (``asign-sc run --quiet`` hides them).
 
+    ``extra_views`` (:class:`FeatureView`, or ``"ENCODER[:STAIN]"`` strings) makes the
+    imputation a feature-view ensemble: the windows are embedded once more per view (under
+    ``obsm[f"X_{view.key}_..."]``), one more model is fitted per view on the same genes, and
+    :func:`asign_sc.tl.impute` averages all models; each is saved, the extra ones as
+    ``out/model_<view key>/``. On her2st patient C, Lite0 features of Macenko-normalised
+    windows plus a ``"efficientnet_lite2"`` view measured +0.009/+0.016 per-gene PCC over
+    the default (known C2/C4), at about twice the feature and fit time.
+
     Everything is checked before the first step. The outputs are written into a temporary
     folder beside ``out`` and moved into place when complete; with ``overwrite=True`` an
     earlier result in ``out`` is replaced only then. A run that fails or is stopped leaves
@@ -208,6 +307,7 @@ def run_pipeline(
         check_encoder(sdata, encoder)
     except ValueError as error:
         raise InvalidStackError(str(error)) from None
+    views = check_views(extra_views, encoder, stain_normalization)
     report = stack_report(stack, known)
     _log_report(stack, report)
     missing = [s.name for s in stack if not s.has_image]
@@ -227,6 +327,7 @@ def run_pipeline(
             library_key=library_key,
             encoder=encoder,
             stain_normalization=stain_normalization,
+            views=views,
             transform=transform,
             epochs=epochs,
             device=device,
@@ -250,6 +351,7 @@ def _run_steps(
     library_key: str,
     encoder: str,
     stain_normalization: str | None,
+    views: list[FeatureView],
     transform: str,
     epochs: int,
     device: str,
@@ -288,35 +390,62 @@ def _run_steps(
         client=client,
         show_progress_bar=show_progress_bar,
     )
-    step(
-        "features",
-        tl.extract_features,
-        sdata,
-        encoder=encoder,
-        stain_normalization=stain_normalization,
-        windows=spot_windows(stack),
-        device=device,
-        library_key=library_key,
-        client=client,
-        show_progress_bar=show_progress_bar,
-    )
+    feature_kwargs = {
+        "windows": spot_windows(stack),
+        "device": device,
+        "library_key": library_key,
+        "client": client,
+        "show_progress_bar": show_progress_bar,
+    }
+
+    def features() -> None:
+        tl.extract_features(
+            sdata, encoder=encoder, stain_normalization=stain_normalization, **feature_kwargs
+        )
+        for view in views:
+            tl.extract_features(
+                sdata,
+                encoder=view.encoder,
+                stain_normalization=view.stain_normalization,
+                key_added=view.key,
+                **feature_kwargs,
+            )
+
+    step("features", features)
     step("graph", gr.build_3d_graph, sdata, library_key=library_key)
-    model = step(
-        "fit",
-        tl.fit_asign,
-        sdata,
-        known_sections=known,
-        library_key=library_key,
-        epochs=epochs,
-        device=device,
-        seed=seed,
-        devices=devices,
-        show_progress_bar=show_progress_bar,
-    )
-    step("impute", tl.impute, sdata, model, device=device)
+    fit_kwargs = {
+        "known_sections": known,
+        "library_key": library_key,
+        "epochs": epochs,
+        "device": device,
+        "seed": seed,
+        "devices": devices,
+        "show_progress_bar": show_progress_bar,
+    }
+
+    def fit() -> list[Any]:
+        models = [tl.fit_asign(sdata, **fit_kwargs)]
+        for view in views:
+            models.append(
+                tl.fit_asign(
+                    sdata,
+                    genes=models[0].genes,
+                    features_key=view.key,
+                    key_added=view.key,
+                    **fit_kwargs,
+                )
+            )
+        return models
+
+    models = step("fit", fit)
+    model = models[0]
+    step("impute", tl.impute, sdata, models if views else model, device=device)
     model.save(work / "model")
+    for view, extra in zip(views, models[1:], strict=True):
+        extra.save(work / f"model_{view.key}")
 
     outputs = {"zarr": str(out / "stack.zarr"), "model": str(out / "model")}
+    outputs |= {f"model_{v.key}": str(out / f"model_{v.key}") for v in views}
     metrics = None
     if evaluated:
         scores = step(
@@ -353,6 +482,10 @@ def _run_steps(
         "n_genes": int(stack.table.n_vars),
         "seed": seed,
         "devices": devices,
+        "feature_views": [
+            {"key": "asign", "encoder": encoder, "stain_normalization": stain_normalization},
+            *({"key": v.key, **asdict(v)} for v in views),
+        ],
         "scheduler": None if client is None else str(client.scheduler.address),
         "steps": timings,
         "metrics": metrics,

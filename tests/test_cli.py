@@ -133,6 +133,10 @@ def _bad_inputs(tmp_path):
         (["--demo", "--encoder", "no_such_net"], "Unknown encoder 'no_such_net'"),
         (["--demo", "--stain-normalization", "reinhard"], "invalid choice: 'reinhard'"),
         (["--demo", "--patient", "C"], "--patient applies to --her2st only"),
+        (["--demo", "--add-view", "obsm:X_uni"], "precomputed embeddings"),
+        (["--demo", "--add-view", "efficientnet_lite2:reinhard"], "unknown stain normalisation"),
+        (["--demo", "--add-view", "efficientnet_lite0"], "repeats a view already used"),
+        (["--demo", "--add-view", "no_such_net"], "--add-view no_such_net: Unknown encoder"),
         (["{tmp}/nope.zarr"], "No SpatialData zarr store"),
         (["{tmp}/file.zarr"], r"is not a SpatialData zarr store \(a file\)"),
         (["{tmp}/empty.zarr"], "a folder without zarr.json"),
@@ -163,6 +167,43 @@ def test_stain_normalization_reaches_the_pipeline(monkeypatch, tmp_path, flag, p
     out = tmp_path / "out"
     main(["run", "--demo", "--stain-normalization", flag, "--out", str(out), "-q"])
     assert seen["stain_normalization"] == passed
+
+
+@pytest.mark.parametrize(
+    ("spec", "encoder", "stain", "key"),
+    [
+        ("efficientnet_lite2", "efficientnet_lite2", None, "asign_efficientnet_lite2"),
+        ("efficientnet_lite2:macenko", "efficientnet_lite2", "macenko", None),
+        ("efficientnet_lite2:none", "efficientnet_lite2", None, None),
+        ("timm:resnet18", "timm:resnet18", None, "asign_timm_resnet18"),
+        ("timm:resnet18:Macenko", "timm:resnet18", "macenko", "asign_timm_resnet18_macenko"),
+    ],
+)
+def test_feature_view_specs(spec, encoder, stain, key):
+    from asign_sc._pipeline import FeatureView
+
+    view = FeatureView.parse(spec)
+    assert (view.encoder, view.stain_normalization) == (encoder, stain)
+    if key is not None:
+        assert view.key == key
+
+
+def test_added_views_are_fitted_saved_and_averaged(small_store, tmp_path):
+    out = tmp_path / "views"
+    view = "efficientnet_lite1"
+    args = ["run", str(small_store), "--known", "S2", "--epochs", "2", "--add-view", view]
+    assert main([*args, "--out", str(out), "-q"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    key = f"asign_{view}"
+    assert [v["key"] for v in summary["feature_views"]] == ["asign", key]
+    assert summary["feature_views"][1]["encoder"] == view
+    assert (out / "model" / "settings.json").exists()
+    settings = json.loads((out / f"model_{key}" / "settings.json").read_text())
+    assert settings["features"]["key"] == key
+    table = spatialdata.read_zarr(out / "stack.zarr").tables["table"]
+    assert f"X_{key}_spot" in table.obsm and "fit" in table.uns[key]
+    record = table.uns["asign"]["impute"]
+    assert list(record["features_keys"]) == ["asign", key] and record["n_averaged_models"] == 2
 
 
 @pytest.mark.parametrize(("flags", "shown"), [([], True), (["-q"], False)])
