@@ -13,6 +13,10 @@
 4. Stain normalisation: ``extract_features(stain_normalization="macenko")`` against the
    plain call, alternated (plain, Macenko, plain, Macenko) in one run; ratio of the best
    of each. And the transform alone on one section's pixels (megapixels/s).
+5. Encoders and the two-view ensemble: ``extract_features`` with EfficientNet-Lite0, Lite1,
+   Lite2 and Lite0 with Macenko normalisation, alternated (two rounds, best of each), wall
+   seconds and the ratio to Lite0 as scanned; the two views of the accuracy report's
+   'ASIGN, two feature views' (Lite0 + Macenko, Lite2) against the default's one.
 
 The machine is shared: the load average is printed next to the timings, and CPU seconds
 (process time / threads) tell what the same work costs on idle cores.
@@ -131,7 +135,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--parts", nargs="+", type=int, default=[1, 3, 4], help="1: encoder (and 2), 3, 4"
+        "--parts", nargs="+", type=int, default=[1, 3, 4, 5], help="1: encoder (and 2), 3-5"
     )
     args = parser.parse_args()
     if not args.data.is_dir():
@@ -250,6 +254,37 @@ def main() -> None:
         print(
             f"transform alone: {pixels.shape[1]} x {pixels.shape[0]} px section {name}, "
             f"{pixels.size / 3 / wall / 1e6:.0f} megapixels/s (best of 3)"
+        )
+    if 5 in args.parts:
+        # 5. encoders and the two views: the whole step per setting, alternated.
+        print(f"\n5. encoders, patient C, load average {os.getloadavg()[0]:.1f}")
+        settings = {
+            "efficientnet_lite0": {"encoder": "efficientnet_lite0"},
+            "efficientnet_lite1": {"encoder": "efficientnet_lite1"},
+            "efficientnet_lite2": {"encoder": "efficientnet_lite2"},
+            "efficientnet_lite0, Macenko": {
+                "encoder": "efficientnet_lite0",
+                "stain_normalization": "macenko",
+            },
+        }
+        best = {}
+        for _ in range(2):
+            for label, kwargs in settings.items():
+                _, wall, _ = timed(
+                    asign_sc.tl.extract_features,
+                    sdata,
+                    n_jobs=args.threads,
+                    show_progress_bar=False,
+                    **kwargs,
+                )
+                best[label] = min(best.get(label, np.inf), wall)
+        base = best["efficientnet_lite0"]
+        for label, wall in best.items():
+            print(f"{label:28s} wall {wall:7.1f} s (best of 2)  ratio to Lite0 {wall / base:.2f}")
+        views = best["efficientnet_lite0, Macenko"] + best["efficientnet_lite2"]
+        print(
+            f"two views (Lite0 + Macenko, Lite2): {views:.1f} s, {views / base:.2f} x the "
+            f"default's features; load average {os.getloadavg()[0]:.1f}"
         )
     print(f"load average at end {os.getloadavg()[0]:.1f}")
 
