@@ -272,7 +272,10 @@ def register_sections(
     -----
     ANTs uses as many threads as ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` allows (all
     cores by default); set that environment variable to share a machine (on a Dask
-    cluster: in the workers' environment).
+    cluster: in the workers' environment). With ``seed`` fixed, a registration repeats to
+    the bit on one ITK thread (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1``, set before the
+    process starts); on several, ANTs adds up its metric in a varying order and positions
+    can differ by a few pixels between runs.
     """
     if progress is not None:
         warnings.warn(

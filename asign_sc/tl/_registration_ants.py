@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +94,36 @@ def write_ants_affine(matrix: np.ndarray, path: str) -> str:
     return path
 
 
+@contextmanager
+def ants_seed(seed: int) -> Iterator[dict]:
+    """Seed ANTs' metric sampling for the calls inside; yields the keyword arguments to add.
+
+    antspyx 0.6 ignores ``registration(random_seed=)`` (it lands in ``**kwargs``) and passes
+    ``--random-seed`` to ANTs only from its module setting ``ants.config._random_seed``, so
+    an unseeded registration samples differently on every run. Its public switch,
+    ``ants.set_ants_deterministic``, would also pin ITK to one thread for the whole process
+    and reseed numpy's and Python's global generators; here only the seed is set, and the
+    previous value is restored. Older antspyx without that setting take the keyword. ANTs
+    reads a seed of 0 as "seed from the clock", so ``seed + 1`` is passed.
+
+    Repeatable to the bit with one ITK thread (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1``);
+    with several, ANTs sums the metric over threads in a varying order.
+    """
+    ants_value = int(seed) + 1  # ANTs: 0 means the system clock
+    import ants
+
+    config = getattr(ants, "config", None)
+    if config is None or not hasattr(config, "_random_seed"):
+        yield {"random_seed": ants_value}
+        return
+    previous = config._random_seed
+    config._random_seed = ants_value
+    try:
+        yield {}
+    finally:
+        config._random_seed = previous
+
+
 def ants_refine(
     moving: PreparedSection,
     fixed: PreparedSection,
@@ -116,7 +147,7 @@ def ants_refine(
     if transform not in _LINEAR:
         raise ValueError(f"transform must be one of {sorted(_LINEAR)}, got {transform!r}.")
     fixed_img, moving_img = to_ants(fixed), to_ants(moving)
-    with tempfile.TemporaryDirectory(prefix="asign_ants_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="asign_ants_") as tmp, ants_seed(seed) as seeded:
         init_path = write_ants_affine(np.linalg.inv(init), os.path.join(tmp, "init.mat"))
         linear = ants.registration(
             fixed_img,
@@ -127,7 +158,7 @@ def ants_refine(
             aff_iterations=iterations,
             aff_shrink_factors=shrink_factors,
             aff_smoothing_sigmas=smoothing_sigmas,
-            random_seed=seed,
+            **seeded,
         )
         # the output transform is the initial one composed with the optimised stage
         fwd = ants_transform_matrix(ants.read_transform(linear["fwdtransforms"][-1]))
@@ -142,7 +173,7 @@ def ants_refine(
             initial_transform=[affine_path],
             outprefix=os.path.join(tmp, "syn_"),
             reg_iterations=syn_iterations,
-            random_seed=seed,
+            **seeded,
         )
         warp_paths = [p for p in syn["invtransforms"] if p.endswith((".nii.gz", ".nii"))]
         if not warp_paths:
