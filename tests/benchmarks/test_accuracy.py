@@ -72,6 +72,7 @@ def test_reduced_mode_writes_every_method_beside_the_baselines(report):
     assert "vs best other ceiling" not in text
     assert "with two feature views ASIGN's per-gene PCC" in text
     assert "best other ASIGN, two feature views" not in text  # compared apart, not a rival
+    assert "'ASIGN, two feature views': a feature-view ensemble" in text
 
 
 def test_ablations_present_and_two_d_graph_cuts_propagation_across_sections(report):
