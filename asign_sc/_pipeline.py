@@ -287,7 +287,7 @@ def run_pipeline(
     :func:`asign_sc.tl.impute` averages all models; each is saved, the extra ones as
     ``out/model_<view key>/``. On her2st patient C, Lite0 features of Macenko-normalised
     windows plus a ``"efficientnet_lite2"`` view measured +0.009/+0.016 per-gene PCC over
-    the default (known C2/C4), at about twice the feature and fit time.
+    the default (known C2/C4), at 3.5 times the feature time and 2.3 times the fit time.
 
     Everything is checked before the first step. The outputs are written into a temporary
     folder beside ``out`` and moved into place when complete; with ``overwrite=True`` an
