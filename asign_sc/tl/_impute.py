@@ -93,11 +93,6 @@ def impute(
         propagation never reached). 0 on known spots.
     ``"network"``
         MSAGNet alone. Uncertainty as for ``"asign"``.
-
-    Several models (a list, e.g. fitted on different image features of the same stack:
-    ``fit_asign(features_key=...)``) are imputed one by one and averaged, a feature-view
-    ensemble; their uncertainty is the total standard deviation over all their members
-    (within-model variance plus the variance between the models).
     ``"propagation"``
         Cross-layer imputation alone over the 3D graph (``α = 1``, no images): eq. 5 with
         ``n_iterations`` steps (default 10). Spots it never reaches get the mean profile of
@@ -119,6 +114,11 @@ def impute(
         Label spreading over the 3D graph seeded with the ridge prediction (``a = 0.5``, 50
         steps), known spots clamped: image and neighbourhood together, without a network.
         Uncertainty: how far spreading moved the ridge prediction.
+
+    Several models (a list, e.g. fitted on different image features of the same stack:
+    ``fit_asign(features_key=...)``) are imputed one by one and averaged, a feature-view
+    ensemble; their uncertainty is the total standard deviation over all their members
+    (within-model variance plus the variance between the models).
 
     Parameters
     ----------
