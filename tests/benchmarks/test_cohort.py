@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pandas as pd
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cohort.py"
-
 
 @pytest.mark.slow
-def test_tiny_cohort_report(tmp_path):
-    spec = importlib.util.spec_from_file_location("cohort_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_tiny_cohort_report(tmp_path, load_benchmark):
+    module = load_benchmark("cohort")
     threads = torch.get_num_threads()
     try:
         results = module.main(["--tiny", "--seeds", "0", "--out", str(tmp_path)])

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 from argparse import Namespace
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "encoders.py"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def encoders():
-    spec = importlib.util.spec_from_file_location("encoders_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def encoders(load_benchmark):
+    return load_benchmark("encoders")
 
 
 def test_settings_are_scored_and_reported(encoders):

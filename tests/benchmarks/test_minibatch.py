@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "minibatch.py"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def minibatch():
-    spec = importlib.util.spec_from_file_location("minibatch_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def minibatch(load_benchmark):
+    return load_benchmark("minibatch")
 
 
 def test_epoch_cost_report(minibatch, tmp_path):

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 from argparse import Namespace
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "stain.py"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def stain():
-    spec = importlib.util.spec_from_file_location("stain_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def stain(load_benchmark):
+    return load_benchmark("stain")
 
 
 def test_both_variants_are_scored_and_compared(stain):
