@@ -991,6 +991,15 @@ def start_variant_run(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     return args, patient_c(args.her2st, args.cache), start
 
 
+def finish_variant_run(args, rows: pd.DataFrame, start: float, report: Callable) -> pd.DataFrame:
+    """Summarise ``rows``, write ``report(summary, args, seconds)`` to ``args.out``."""
+    summary = summarise(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report(summary, args, time.perf_counter() - start))
+    logger.info("wrote %s", args.out)
+    return summary
+
+
 def synthetic_views(table, seed: int = 0) -> dict:
     """Two views of the synthetic stack: its features, and a noisy rotation of them."""
     import anndata as ad

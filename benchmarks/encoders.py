@@ -22,7 +22,6 @@ import logging
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -93,11 +92,7 @@ def main(argv=None) -> pd.DataFrame:
         for encoder in args.encoders
     }
     rows = accuracy.run_feature_variants(base, variants, args.known, args.seeds, METHODS)
-    summary = accuracy.summarise(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report(summary, args, time.perf_counter() - start))
-    logger.info("wrote %s", args.out)
-    return summary
+    return accuracy.finish_variant_run(args, rows, start, report)
 
 
 if __name__ == "__main__":
