@@ -202,10 +202,16 @@ def impute(
     if counts_layer is None and model is not None:
         counts_layer = model.counts_layer
     if method in MODEL_METHODS:
-        results = [
-            _impute_model(stack, m, method, known_sections, genes, counts_layer, device)
-            for m in models
-        ]
+        _check_known_for_model(stack, method, known_sections)
+        # one read of the measured expression: every model shares genes and target_sum
+        values, known = known_expression(
+            stack,
+            known_sections,
+            model.genes,
+            counts_layer=counts_layer,
+            target_sum=model.training.target_sum,
+        )
+        results = [_impute_model(stack, m, method, values, known, genes, device) for m in models]
         result = results[0] if len(results) == 1 else _average_models(results, models)
     else:
         if genes is None:
@@ -504,15 +510,8 @@ def pooled_features(
 
 
 # -- model methods --------------------------------------------------------------------------
-def _impute_model(
-    stack: SectionStack,
-    model: ASIGNModel,
-    method: str,
-    known_sections: list[str],
-    genes: Sequence[str] | None,
-    counts_layer: str | None,
-    device: str | torch.device,
-) -> _Result:
+def _check_known_for_model(stack: SectionStack, method: str, known_sections: list[str]) -> None:
+    """The known sections a model method needs: in the stack, and some unless images alone."""
     missing = [s for s in known_sections if s not in stack.names]
     if missing:
         raise InvalidStackError(
@@ -524,13 +523,18 @@ def _impute_model(
             "known_sections is empty: method='asign' propagates measured expression, so name "
             "the measured section(s), or use method='network' to predict from images alone."
         )
-    values, known = known_expression(
-        stack,
-        known_sections,
-        model.genes,
-        counts_layer=counts_layer,
-        target_sum=model.training.target_sum,
-    )
+
+
+def _impute_model(
+    stack: SectionStack,
+    model: ASIGNModel,
+    method: str,
+    values: np.ndarray,
+    known: np.ndarray,
+    genes: Sequence[str] | None,
+    device: str | torch.device,
+) -> _Result:
+    """One model's prediction from the measured ``values`` on ``known`` rows."""
     stack_data = StackData.from_table(
         stack.table,
         stack,
