@@ -3,15 +3,19 @@
 Patient C (C2-C6) prepared as in ``benchmarks/accuracy.py`` (its cached table in ``--cache``:
 registration, 3D graph and the default features). Each variant re-embeds the same spots with
 ``tl.extract_features(encoder=NAME)`` (optionally with ``stain_normalization="macenko"``;
-features cached beside the table) and swaps them in, so registration and graph are the same
-for every row. For each known section and seed: ``fit_asign`` defaults, then ASIGN, the
-networks alone and, once per known section, ridge and ridge + label spreading from the same
-features, scored by ``tl.evaluate`` on the other four sections (per-gene PCC over all their
-spots). Feature time per encoder: ``python benchmarks/features.py --parts 5``.
+features cached beside the table) and swaps them in; for EfficientNet-Lite0 as scanned, the
+features of other stages too (``get_encoder(NAME, stages=...)``: the last map, ``"head"``, and
+other taps than the default stages 4-6, which were chosen from these rows), so registration
+and graph are the same for every row. For each known section and seed: ``fit_asign``
+defaults, then ASIGN, the networks alone and, once per known section, ridge and ridge + label
+spreading from the same features, scored by ``tl.evaluate`` on the other four sections
+(per-gene PCC over all their spots). Feature time per encoder:
+``python benchmarks/features.py --parts 5``.
 
 Run from the repository root (1 torch thread measured best for these fits)::
 
-    python benchmarks/encoders.py     # Lite0/1/2, as scanned and Macenko; C2, C4; seeds 0 1 2
+    python benchmarks/encoders.py     # Lite0/1/2, as scanned and Macenko; Lite0's stages;
+                                      # C2, C4; seeds 0 1 2
 
 Writes ``benchmarks/results/encoders.md`` (``--out`` to change).
 """
@@ -33,20 +37,31 @@ import accuracy  # benchmarks/accuracy.py: preparation and scoring
 RESULTS = Path(__file__).resolve().parent / "results"
 ENCODERS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 STAINS = ("none", "macenko")
+#: Other features of EfficientNet-Lite0 as scanned than its default stages (4, 5, 6).
+LITE0_STAGES = ("head", "5,6,7", "5,6")
 METHODS = ("asign", "networks_only", "ridge", "ridge_propagation")
 logger = logging.getLogger("encoders")
 
 
-def variant_name(encoder: str, stain: str) -> str:
-    return encoder if stain == "none" else f"{encoder}, Macenko"
+def variant_name(encoder: str, stain: str, stages: str | None = None) -> str:
+    name = encoder if stain == "none" else f"{encoder}, Macenko"
+    if stages is not None:
+        name += ", last map (head)" if stages == "head" else f", stages {stages}"
+    return name
 
 
-def variant_features(her2st: Path, cache: Path, encoder: str, stain: str):
-    """Patient C's features from ``encoder`` (and stain normalisation); cached."""
+def variant_features(her2st: Path, cache: Path, encoder: str, stain: str, stages=None):
+    """Patient C's features from ``encoder`` (and stain normalisation, stages); cached."""
+    from asign_sc.models.encoders import get_encoder
+
     kwargs = {"encoder": encoder}
+    name = encoder if stain == "none" else f"{encoder}_{stain}"
     if stain != "none":
         kwargs["stain_normalization"] = stain
-    name = encoder if stain == "none" else f"{encoder}_{stain}"
+    if stages is not None:
+        taps = stages if stages == "head" else tuple(int(s) for s in stages.split(","))
+        kwargs["encoder"] = get_encoder(encoder, stages=taps)
+        name += f"_stages{stages.replace(',', '')}"
     return accuracy.patient_c_features(her2st, cache, name, kwargs)
 
 
@@ -63,7 +78,11 @@ def report(summary: pd.DataFrame, args, total: float) -> str:
         "Per-gene PCC on the four unknown sections (all their spots), mean +- std over seeds; "
         "ridge and ridge + label spreading are deterministic (one value). Each setting is "
         "`extract_features(encoder=NAME)` (', Macenko': with "
-        '`stain_normalization="macenko"`) on the same spots, registration and graph.',
+        '`stain_normalization="macenko"`) on the same spots, registration and graph. The '
+        "EfficientNet-Lite encoders' features are the outputs of stages 4-6 (of 7) by "
+        "default; ', last map (head)' and ', stages ...' rows are "
+        "`get_encoder(NAME, stages=...)` instead. The default stages were chosen from these "
+        "rows, on the same sections they are scored on.",
         "",
         "What each encoder costs to run: `python benchmarks/features.py --parts 5` "
         "(`docs/benchmarks.md`).",
@@ -85,12 +104,22 @@ def main(argv=None) -> pd.DataFrame:
     parser = accuracy.patient_c_parser(__doc__.splitlines()[0], RESULTS / "encoders.md")
     parser.add_argument("--encoders", nargs="+", default=list(ENCODERS))
     parser.add_argument("--stains", nargs="+", default=list(STAINS), choices=STAINS)
+    parser.add_argument(
+        "--lite0-stages",
+        nargs="*",
+        default=list(LITE0_STAGES),
+        help="other EfficientNet-Lite0 features than its default stages: 'head' or taps '5,6'",
+    )
     args, base, start = accuracy.start_variant_run(parser, argv)
     variants = {
         variant_name(encoder, stain): variant_features(args.her2st, args.cache, encoder, stain)
         for stain in args.stains
         for encoder in args.encoders
     }
+    lite0 = "efficientnet_lite0"
+    for stages in args.lite0_stages:
+        features = variant_features(args.her2st, args.cache, lite0, "none", stages)
+        variants[variant_name(lite0, "none", stages)] = features
     rows = accuracy.run_feature_variants(base, variants, args.known, args.seeds, METHODS)
     return accuracy.finish_variant_run(args, rows, start, report)
 

