@@ -79,8 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--encoder",
         default="default",
-        help="image encoder: default (EfficientNet-Lite0, ImageNet weights installed with the "
-        "package), resnet50, a timm model name, or obsm:KEY for precomputed embeddings",
+        help="image encoder: default (EfficientNet-Lite0's stages 4-6, ImageNet weights "
+        "installed with the package), resnet50, a timm model name, or obsm:KEY for "
+        "precomputed embeddings",
     )
     run.add_argument(
         "--stain-normalization",

@@ -286,8 +286,9 @@ def run_pipeline(
     ``obsm[f"X_{view.key}_..."]``), one more model is fitted per view on the same genes, and
     :func:`asign_sc.tl.impute` averages all models; each is saved, the extra ones as
     ``out/model_<view key>/``. On her2st patient C, Lite0 features of Macenko-normalised
-    windows plus a ``"efficientnet_lite2"`` view measured +0.009/+0.016 per-gene PCC over
-    the default (known C2/C4), at 3.5 times the feature time and 2.3 times the fit time.
+    windows plus a ``"efficientnet_lite2"`` view measured +0.002/+0.006 per-gene PCC over
+    the default (known C2/C4), at about three times the feature time and twice the fit
+    time.
 
     Everything is checked before the first step. The outputs are written into a temporary
     folder beside ``out`` and moved into place when complete; with ``overwrite=True`` an

