@@ -151,7 +151,7 @@ def extract_features(
         transformed as they are read; the images themselves are not changed. Sections
         stained or scanned differently then look alike to the encoder. On her2st patient C
         with the default encoder it changed ASIGN's per-gene PCC from 0.280 to 0.284 with
-        C4 known and not with C2 known (0.294; 3 seeds each, ``benchmarks/encoders.py``),
+        C4 known and not with C2 known (0.294; 3 seeds each, ``benchmarks/stain.py``),
         for about 40-70% more feature time. It needs H&E images: one without stained tissue
         is refused. ``None`` (the default) embeds the images as they are.
     client
