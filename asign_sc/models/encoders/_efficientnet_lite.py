@@ -159,9 +159,13 @@ class EfficientNetLite(nn.Module):
         self._fc = nn.Linear(self.feature_dim, num_classes)
         self._act = nn.ReLU6(inplace=True)
 
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The stride-2 stem convolution, batch norm and ReLU6 (input of the first block)."""
+        return self._act(self._bn0(self._conv_stem(x)))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Last feature map (after the 1x1 head convolution, batch norm and ReLU6)."""
-        x = self._act(self._bn0(self._conv_stem(x)))
+        x = self.stem(x)
         for block in self._blocks:
             x = block(x)
         return self._act(self._bn1(self._conv_head(x)))
@@ -207,10 +211,8 @@ class StageFeatures(nn.Module):
         self.dim = sum(net.stage_channels[s - 1] for s in stages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        net = self.net
-        x = net._act(net._bn0(net._conv_stem(x)))
-        maps = []
-        for i, block in enumerate(net._blocks[: self.taps[-1] + 1]):
+        x, maps = self.net.stem(x), []
+        for i, block in enumerate(self.net._blocks[: self.taps[-1] + 1]):
             x = block(x)
             if i in self.taps:
                 maps.append(x)

@@ -291,12 +291,10 @@ def _efficientnet_lite(variant: int) -> EncoderFactory:
                     f"got {stages!r}."
                 )
             trunk, head, params = _FeatureMap(module), module._fc, {"stages": "head"}
-            dim, pairs = EfficientNetLite.feature_dim, module.conv_bn_pairs()
+            dim = EfficientNetLite.feature_dim
         else:
             trunk = StageFeatures(module, stages)
             dim, head, params = trunk.dim, None, {"stages": list(trunk.stages)}
-            # Only what runs is folded: not the head, nor blocks after the last tapped stage.
-            pairs = [(c, b) for c, b in module.conv_bn_pairs() if _runs(c, trunk.taps[-1])]
         return Encoder(
             name=name,
             module=trunk,
@@ -308,7 +306,7 @@ def _efficientnet_lite(variant: int) -> EncoderFactory:
             fingerprint=_fingerprint(module),
             dim=dim,
             head=head,
-            conv_bn=[(f"net.{c}", f"net.{b}") for c, b in pairs],
+            conv_bn=[(f"net.{c}", f"net.{b}") for c, b in module.conv_bn_pairs()],
             params=params,
         )
 
@@ -376,13 +374,6 @@ def _resnet50(
         conv_bn=pairs,
         params={"layer": layer},
     )
-
-
-def _runs(conv: str, last_block: int) -> bool:
-    """Whether convolution ``conv`` of an EfficientNet-Lite runs up to block ``last_block``."""
-    if conv.startswith("_blocks."):
-        return int(conv.split(".")[1]) <= last_block
-    return conv != "_conv_head"
 
 
 class _FeatureMap(nn.Module):
